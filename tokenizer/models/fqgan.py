@@ -1,0 +1,238 @@
+"""FQGAN: a VQ tokenizer whose codebook is factorised into F independent sub-codebooks.
+
+    image -> shared conv trunk -> per factor: adapter -> GroupNorm, swish, 3x3 conv -> 1x1 conv -> quantizer
+          -> concat(codes of all factors, visual first) -> 1x1 conv -> conv decoder -> image
+
+Semantic factors carry a feature-prediction head trained to match a frozen teacher (CLIP, DINOv2), and a
+disentanglement regulariser pushes the factors' codes towards orthogonality. The number of factors is a
+config value; ``dual`` (visual, semantic) and ``triple`` (visual, mid- and high-level semantic) are presets.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .blocks import group_norm, swish
+from .convnet import Decoder, EncoderTrunk
+from .heads import FactorAdapter, FeaturePredictionHead
+from .quantizer import QuantizerOutput, VectorQuantizer
+
+VQ_CH_MULT = {"VQ-16": (1, 1, 2, 2, 4), "VQ-8": (1, 2, 2, 4)}
+
+
+@dataclass(frozen=True)
+class FactorConfig:
+    """One sub-codebook. ``head_width`` > 0 gives it a feature-prediction head of that width, supervised by
+    ``teacher`` (a Hugging Face hub name or a local folder; used by training only)."""
+    name: str
+    head_width: int = 0
+    teacher: Optional[str] = None
+
+
+DUAL_FACTORS = (
+    FactorConfig("vis"),
+    FactorConfig("sem", head_width=1024, teacher="openai/clip-vit-large-patch14"),
+)
+TRIPLE_FACTORS = (
+    FactorConfig("vis"),
+    FactorConfig("sem_mid", head_width=384, teacher="facebook/dinov2-small"),
+    FactorConfig("sem_high", head_width=768, teacher="openai/clip-vit-base-patch16"),
+)
+PRESETS = {"dual": DUAL_FACTORS, "triple": TRIPLE_FACTORS}
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    factors: tuple[FactorConfig, ...] = DUAL_FACTORS
+    ch_mult: tuple[int, ...] = VQ_CH_MULT["VQ-16"]
+    ch: int = 128
+    num_res_blocks: int = 2
+    z_channels: int = 256
+    dropout_p: float = 0.0
+    codebook_size: int = 16384
+    codebook_embed_dim: int = 8
+    codebook_l2_norm: bool = True
+    commit_loss_beta: float = 0.25
+    entropy_loss_ratio: float = 0.0
+    entropy_temperature: float = 0.01
+    adapter_layers: int = 6
+    adapter_heads: int = 8
+    head_layers: int = 3
+    head_heads: int = 8
+    with_feature_heads: bool = True  # the original's --with_clip_supervision
+    disentanglement_ratio: float = 0.0  # 0 turns the regulariser off (the original's --with_disentanglement)
+    base_image_size: int = 256  # the learned positions cover base_image_size / downsample squared tokens
+
+    def __post_init__(self):
+        if not self.factors:
+            raise ValueError("a tokenizer needs at least one factor")
+        names = [f.name for f in self.factors]
+        if len(set(names)) != len(names):
+            raise ValueError(f"factor names must be unique, got {names}")
+        object.__setattr__(self, "factors", tuple(self.factors))
+        object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def num_factors(self) -> int:
+        return len(self.factors)
+
+    @property
+    def head_factors(self) -> list[int]:
+        """Indices of the factors that carry a feature-prediction head (empty without heads)."""
+        if not self.with_feature_heads:
+            return []
+        return [i for i, f in enumerate(self.factors) if f.head_width]
+
+    def replace(self, **changes) -> "TokenizerConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def tokenizer_config(preset: str = "dual", vq_model: str = "VQ-16", **overrides) -> TokenizerConfig:
+    """Config of a preset (``dual`` / ``triple``) at a downsampling (``VQ-16`` / ``VQ-8``), with overrides."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown tokenizer preset {preset!r}; choose from {sorted(PRESETS)}")
+    if vq_model not in VQ_CH_MULT:
+        raise ValueError(f"unknown --vq-model {vq_model!r}; choose from {sorted(VQ_CH_MULT)}")
+    return TokenizerConfig(factors=PRESETS[preset], ch_mult=VQ_CH_MULT[vq_model], **overrides)
+
+
+@dataclass
+class FactorOutput:
+    """What one factor produced in a forward pass. Losses are None outside training mode."""
+    quant: torch.Tensor
+    indices: torch.Tensor
+    codebook_loss: Optional[torch.Tensor]
+    commit_loss: Optional[torch.Tensor]
+    entropy_loss: Optional[torch.Tensor]
+    usage: float
+
+
+@dataclass
+class TokenizerOutput:
+    recon: torch.Tensor  # (B, 3, H, W), roughly in [-1, 1], not clamped
+    factors: list[FactorOutput]  # in factor order, visual first
+    disentangle_loss: torch.Tensor  # already times the ratio; 0 when the regulariser is off
+    head_features: dict[int, torch.Tensor] = field(default_factory=dict)  # factor index -> (B, 1 + hw, width)
+
+    @property
+    def indices(self) -> torch.Tensor:
+        return torch.stack([f.indices for f in self.factors], dim=1)
+
+    def quantizer_loss(self, codebook_weight: float = 1.0) -> torch.Tensor:
+        """Sum over factors of codebook + commitment + entropy losses, times ``codebook_weight``."""
+        total = sum(f.codebook_loss + f.commit_loss + f.entropy_loss for f in self.factors)
+        return codebook_weight * total
+
+
+class FactorBranch(nn.Module):
+    """Everything one factor owns: adapter, output conv to z_channels, projection to code_dim, quantizer."""
+
+    def __init__(self, cfg: TokenizerConfig, width: int, grid: int):
+        super().__init__()
+        self.adapter = FactorAdapter(grid, width, cfg.adapter_layers, cfg.adapter_heads)
+        self.norm_out = group_norm(width)
+        self.conv_out = nn.Conv2d(width, cfg.z_channels, 3, padding=1)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_embed_dim, 1)
+        self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.codebook_embed_dim, cfg.commit_loss_beta,
+                                         cfg.entropy_loss_ratio, cfg.codebook_l2_norm, cfg.entropy_temperature)
+
+    def forward(self, h: torch.Tensor) -> QuantizerOutput:
+        h = self.conv_out(swish(self.norm_out(self.adapter(h))))
+        return self.quantizer(self.quant_conv(h))
+
+
+class FactorizedTokenizer(nn.Module):
+    """The factorised tokenizer. Build it with ``FactorizedTokenizer("dual")``,
+    ``FactorizedTokenizer("triple", vq_model="VQ-8")`` or ``FactorizedTokenizer(TokenizerConfig(...))``;
+    load a released checkpoint with ``tokenizer.models.load_tokenizer(path)``."""
+
+    def __init__(self, config: TokenizerConfig | str = "dual", vq_model: str = "VQ-16", **overrides):
+        super().__init__()
+        if isinstance(config, str):
+            config = tokenizer_config(config, vq_model, **overrides)
+        elif overrides:
+            config = config.replace(**overrides)
+        self.config = cfg = config
+        self.encoder = EncoderTrunk(cfg.ch_mult, cfg.ch, cfg.num_res_blocks, cfg.dropout_p)
+        width = self.encoder.out_channels
+        grid = cfg.base_image_size // cfg.downsample
+        self.factors = nn.ModuleList([FactorBranch(cfg, width, grid) for _ in cfg.factors])
+        self.post_quant_conv = nn.Conv2d(cfg.codebook_embed_dim * cfg.num_factors, cfg.z_channels, 1)
+        self.decoder = Decoder(cfg.ch_mult, cfg.ch, cfg.num_res_blocks, cfg.z_channels, cfg.dropout_p)
+        self.heads = nn.ModuleDict({
+            str(i): FeaturePredictionHead(cfg.codebook_embed_dim, cfg.factors[i].head_width, grid,
+                                          cfg.head_layers, cfg.head_heads)
+            for i in cfg.head_factors
+        })
+
+    # ------------------------------------------------------------------ inference API
+    @property
+    def factor_names(self) -> list[str]:
+        return [f.name for f in self.config.factors]
+
+    def quantize(self, x: torch.Tensor) -> list[QuantizerOutput]:
+        """Images (B, 3, H, W) in [-1, 1] -> one QuantizerOutput per factor."""
+        h = self.encoder(x)
+        return [branch(h) for branch in self.factors]
+
+    @torch.no_grad()
+    def encode_indices(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> code indices (B, F, H/ds, W/ds), factor order visual first."""
+        return torch.stack([q.indices for q in self.quantize(x)], dim=1)
+
+    def codes_from_indices(self, indices: torch.Tensor, keep: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Indices (B, F, h, w) -> concatenated codes (B, F * D, h, w). Factors not in ``keep`` are zeroed."""
+        if indices.dim() != 4 or indices.shape[1] != self.config.num_factors:
+            raise ValueError(f"expected code indices of shape (B, {self.config.num_factors}, h, w) for "
+                             f"factors {self.factor_names}; got {tuple(indices.shape)}")
+        codes = [branch.quantizer.lookup(indices[:, i]) for i, branch in enumerate(self.factors)]
+        if keep is not None:
+            keep = set(keep)
+            codes = [c if i in keep else torch.zeros_like(c) for i, c in enumerate(codes)]
+        return torch.cat(codes, dim=1)
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Concatenated codes (B, F * D, h, w) -> images (B, 3, H, W)."""
+        return self.decoder(self.post_quant_conv(codes))
+
+    def decode_indices(self, indices: torch.Tensor, keep: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Indices (B, F, h, w) -> images. ``keep`` lists the factors to decode; the others get zero codes,
+        which shows what each factor carries on its own. Swap a factor between images by editing
+        ``indices[:, f]`` (see ``swap_factor``)."""
+        return self.decode_codes(self.codes_from_indices(indices, keep))
+
+    # ------------------------------------------------------------------ training forward
+    def disentangle_loss(self, quants: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Mean over factor pairs of the mean squared cosine similarity of their codes, times the ratio."""
+        ratio = self.config.disentanglement_ratio
+        if not ratio or len(quants) < 2:
+            return quants[0].new_zeros(())
+        flat = [F.normalize(q.permute(0, 2, 3, 1).reshape(-1, q.shape[1]), p=2, dim=-1) for q in quants]
+        pairs = [torch.mean(torch.sum(a * b, dim=1) ** 2) * ratio for a, b in itertools.combinations(flat, 2)]
+        return sum(pairs) / len(pairs)
+
+    def forward(self, x: torch.Tensor) -> TokenizerOutput:
+        qs = self.quantize(x)
+        quants = [q.quant for q in qs]
+        feats = {int(i): head(quants[int(i)]) for i, head in self.heads.items()}
+        recon = self.decode_codes(torch.cat(quants, dim=1))
+        factors = [FactorOutput(q.quant, q.indices, q.codebook_loss, q.commit_loss, q.entropy_loss, q.usage)
+                   for q in qs]
+        return TokenizerOutput(recon, factors, self.disentangle_loss(quants), feats)
+
+
+def swap_factor(indices_a: torch.Tensor, indices_b: torch.Tensor, factor: int) -> torch.Tensor:
+    """A copy of ``indices_a`` (B, F, h, w) with factor ``factor`` taken from ``indices_b``."""
+    out = indices_a.clone()
+    out[:, factor] = indices_b[:, factor]
+    return out
