@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 
 def swish(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(x)
+    # F.silu is x * sigmoid(x) in one kernel: equal up to rounding, and it keeps one tensor fewer alive.
+    return F.silu(x)
 
 
 def group_norm(channels: int) -> nn.GroupNorm:

@@ -186,15 +186,17 @@ class FactorizedTokenizer(nn.Module):
         return [branch(h) for branch in self.factors]
 
     @torch.no_grad()
-    def encode_indices(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> code indices (B, F, H/ds, W/ds), factor order visual first."""
-        return torch.stack([q.indices for q in self.quantize(x)], dim=1)
+    def encode_indices(self, x: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> code indices (B, F, H/ds, W/ds), factor order visual first.
+        Runs ``batch_size`` images at a time so memory stays bounded whatever B is."""
+        return torch.cat([torch.stack([q.indices for q in self.quantize(part)], dim=1)
+                          for part in x.split(batch_size)])
 
     def codes_from_indices(self, indices: torch.Tensor, keep: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Indices (B, F, h, w) -> concatenated codes (B, F * D, h, w). Factors not in ``keep`` are zeroed."""
         if indices.dim() != 4 or indices.shape[1] != self.config.num_factors:
             raise ValueError(f"expected code indices of shape (B, {self.config.num_factors}, h, w) for "
-                             f"factors {self.factor_names}; got {tuple(indices.shape)}")
+                             f"factors {', '.join(self.factor_names)}; got {tuple(indices.shape)}")
         codes = [branch.quantizer.lookup(indices[:, i]) for i, branch in enumerate(self.factors)]
         if keep is not None:
             keep = set(keep)
@@ -205,11 +207,13 @@ class FactorizedTokenizer(nn.Module):
         """Concatenated codes (B, F * D, h, w) -> images (B, 3, H, W)."""
         return self.decoder(self.post_quant_conv(codes))
 
-    def decode_indices(self, indices: torch.Tensor, keep: Optional[Sequence[int]] = None) -> torch.Tensor:
-        """Indices (B, F, h, w) -> images. ``keep`` lists the factors to decode; the others get zero codes,
-        which shows what each factor carries on its own. Swap a factor between images by editing
-        ``indices[:, f]`` (see ``swap_factor``)."""
-        return self.decode_codes(self.codes_from_indices(indices, keep))
+    def decode_indices(self, indices: torch.Tensor, keep: Optional[Sequence[int]] = None,
+                       batch_size: int = 16) -> torch.Tensor:
+        """Indices (B, F, h, w) -> images (B, 3, H, W), ``batch_size`` at a time. ``keep`` lists the factors to
+        decode; the others get zero codes, which shows what each factor carries on its own. Swap a factor
+        between images by editing ``indices[:, f]`` (see ``swap_factor``)."""
+        return torch.cat([self.decode_codes(self.codes_from_indices(part, keep))
+                          for part in indices.split(batch_size)])
 
     # ------------------------------------------------------------------ training forward
     def disentangle_loss(self, quants: Sequence[torch.Tensor]) -> torch.Tensor:

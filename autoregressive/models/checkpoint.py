@@ -1,0 +1,132 @@
+"""Reading and writing FAR weights in the released layout.
+
+``FAR`` uses the released parameter names (``cls_embedding.embedding_table``, ``tok_embeddings_{1..F}``,
+``aggregation_layer``, ``layers.{i}.*``, ``ar_head.{i}.*``, ``norm``, ``output_{1..F}``), so no renaming is
+needed in either direction: ``released_state_dict`` is the model's own state dict and a released file loads
+with ``load_state_dict``. What these helpers add is a single clear error for a file that does not fit, the
+config inferred from the weights alone, and atomic saving.
+
+Weights cannot tell the number of attention heads; every FAR / LlamaGen size uses 64-dimensional heads, so
+that is assumed unless ``n_head`` is given (or the training checkpoint's ``args.gpt_model`` names a size).
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Mapping, Optional
+
+import torch
+
+from utils.checkpoint import CheckpointError, atomic_save, check_state_dict, extract_weights, load_file
+
+from .far import FAR, FAR_models, FARConfig, find_multiple, rope_table
+
+
+def describe(cfg: FARConfig) -> str:
+    kind = {2: "dual", 3: "triple"}.get(cfg.num_factors, f"{cfg.num_factors}-factor")
+    size = next((n for n, s in FAR_models.items()
+                 if all(getattr(cfg, k) == v for k, v in s.items())), "custom")
+    return (f"a {kind} FAR ({size}: dim {cfg.dim}, {cfg.n_layer} layers, {cfg.ar_n_layer} factor-head layers, "
+            f"vocab {cfg.vocab_size}, {cfg.num_classes} classes)")
+
+
+def released_state_dict(model: FAR) -> dict[str, torch.Tensor]:
+    """The model's weights under the released key names (identical to ours; tensors are shared)."""
+    return dict(model.state_dict())
+
+
+def load_released_state_dict(model: FAR, sd: Mapping[str, torch.Tensor],
+                             path: str | os.PathLike = "<state dict>") -> None:
+    """Load released-layout weights; one CheckpointError names every missing, unexpected or mis-shaped key."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    check_state_dict(expected, sd, path, describe(model.config))
+    on_meta = model.rope.is_meta  # built under torch.device("meta"): take the file's tensors as they are
+    model.load_state_dict(sd, strict=True, assign=on_meta)
+    weight = model.aggregation_layer.weight
+    if on_meta and not weight.is_meta:
+        model.rope = rope_table(model.config).to(weight.device)
+
+
+_LAYER_RE = re.compile(r"^(layers|ar_head)\.(\d+)\.")
+
+
+def infer_config(sd: Mapping[str, torch.Tensor], path: str | os.PathLike = "<state dict>",
+                 n_head: Optional[int] = None, **overrides) -> FARConfig:
+    """The FARConfig of released-layout weights: factor count, widths, depths, vocabulary and classes come
+    from the keys and shapes; ``n_head`` (default dim // 64), ``block_size`` (default 256) and the training
+    hyper-parameters cannot be read from weights and may be given as keyword arguments."""
+    try:
+        num_factors = 0
+        while f"tok_embeddings_{num_factors + 1}.weight" in sd:
+            num_factors += 1
+        if num_factors == 0:
+            raise KeyError("tok_embeddings_1.weight")
+        vocab_size, dim = sd["tok_embeddings_1.weight"].shape
+        depth = {"layers": 0, "ar_head": 0}
+        for k in sd:
+            m = _LAYER_RE.match(k)
+            if m:
+                depth[m.group(1)] = max(depth[m.group(1)], int(m.group(2)) + 1)
+        qkv_rows = sd["layers.0.attention.wqkv.weight"].shape[0]
+        hidden = sd["layers.0.feed_forward.w1.weight"].shape[0]
+        class_rows = sd["cls_embedding.embedding_table.weight"].shape[0]
+    except (KeyError, IndexError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not FAR weights, cannot infer the config (missing {e}; first keys: "
+                              f"{list(sd)[:5]})") from None
+    n_head = n_head or max(1, dim // 64)
+    head_dim = dim // n_head
+    kw: dict[str, Any] = dict(dim=dim, n_layer=depth["layers"], ar_n_layer=depth["ar_head"], n_head=n_head,
+                              vocab_size=vocab_size, num_factors=num_factors)
+    n_kv = (qkv_rows // head_dim - n_head) // 2
+    if n_kv != n_head:
+        kw["n_kv_head"] = n_kv
+    class_dropout = overrides.get("class_dropout_prob", FARConfig.class_dropout_prob)
+    kw["num_classes"] = class_rows - (class_dropout > 0)  # the last row is the null class
+    default_hidden = find_multiple(int(2 * 4 * dim / 3), FARConfig.multiple_of)
+    if hidden != default_hidden:  # a custom SwiGLU width: reproduce it exactly
+        kw.update(multiple_of=1, ffn_dim_multiplier=(hidden + 0.5) / int(2 * 4 * dim / 3))
+    kw.update(overrides)
+    try:
+        return FARConfig(**kw)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _n_head_from_args(ckpt: Any) -> Optional[int]:
+    name = getattr(ckpt.get("args"), "gpt_model", None) if isinstance(ckpt, Mapping) else None
+    return FAR_models.get(name, {}).get("n_head")
+
+
+def load_far(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+             expect_factors: Optional[int] = None, prefer: tuple[str, ...] = ("ema", "model", "state_dict"),
+             dtype: Optional[torch.dtype] = None, **overrides) -> FAR:
+    """Build a FAR from a checkpoint file (released or ours), load its weights, return it in eval mode.
+
+    ``prefer``: the order in which weight entries are tried (EMA first). ``expect_factors`` turns a file with
+    another factor count into a clear error. Keyword arguments override config fields (``n_head``,
+    ``block_size`` ...)."""
+    ckpt = load_file(path, map_location)
+    sd, _ = extract_weights(ckpt, path, prefer)
+    overrides.setdefault("n_head", _n_head_from_args(ckpt))
+    cfg = infer_config(sd, path, **overrides)
+    if expect_factors is not None and cfg.num_factors != expect_factors:
+        raise CheckpointError(f"{path}: holds {describe(cfg)}, but {expect_factors} factors were expected")
+    with torch.device("meta"):  # no time spent initialising weights that are about to be overwritten
+        model = FAR(cfg)
+    load_released_state_dict(model, sd, path)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
+
+
+def far_checkpoint(model: FAR, ema: Optional[FAR] = None, **extra: Any) -> dict[str, Any]:
+    ckpt: dict[str, Any] = {"model": released_state_dict(model)}
+    if ema is not None:
+        ckpt["ema"] = released_state_dict(ema)
+    ckpt.update(extra)
+    return ckpt
+
+
+def save_far(path: str | os.PathLike, model: FAR, ema: Optional[FAR] = None, **extra: Any) -> None:
+    """Write ``model`` (and ``ema``) atomically as a checkpoint the original FQGAN code can load."""
+    atomic_save(far_checkpoint(model, ema, **extra), path)
