@@ -78,8 +78,9 @@ def find_images(root: str | os.PathLike) -> tuple[list[tuple[str, int]], list[st
 class ImageFolderSafe(Dataset):
     """An ImageFolder whose items are ``(tensor, label, index)``.
 
-    A file that cannot be decoded is not fatal: the item comes back with ``index = -1`` (and a zero image), the
-    collate step drops it, and the training loop counts it. ``transform(pil, rng)`` receives a
+    A file that cannot be decoded is not fatal: the item comes back with a negative index ``-1 - index`` (and a
+    zero image); in training the collate step drops it and the loop counts it, in evaluation the caller names
+    the file (``dataset.samples[-1 - i][0]``) and stops. ``transform(pil, rng)`` receives a
     ``random.Random`` seeded from (seed, epoch, index) so augmentations are reproducible whatever the number
     of workers, which is what makes an interrupted run resume exactly.
     """
@@ -108,11 +109,11 @@ class ImageFolderSafe(Dataset):
                     img = im.convert("RGB")
             return self.transform(img, rng), label, index
         except Exception:
-            return torch.zeros(3, self.image_size, self.image_size), label, -1
+            return torch.zeros(3, self.image_size, self.image_size), label, -1 - index
 
 
 def collate_skip_bad(batch):
-    """Stack a batch, dropping items whose index is -1 (unreadable files). Returns (images, labels, n_bad)."""
+    """Stack a batch, dropping items with a negative index (unreadable files). Returns (images, labels, n_bad)."""
     good = [b for b in batch if b[2] >= 0]
     n_bad = len(batch) - len(good)
     if not good:
@@ -133,3 +134,29 @@ def train_transform(image_size: int, flip: bool = True):
 def eval_transform(image_size: int):
     """ADM centre crop, to [-1, 1]."""
     return lambda img, rng=None: to_model_range(center_crop_arr(img, image_size))
+
+
+def rank_shard(n: int, rank: int, world_size: int) -> np.ndarray:
+    """The dataset indices one rank evaluates: every ``world_size``-th from ``rank``, no padding, so the ranks
+    together cover each of the n items exactly once."""
+    return np.arange(rank, n, world_size)
+
+
+def collate_eval(batch):
+    """Stack an evaluation batch: (images, labels, indices); a negative index marks an unreadable file."""
+    return (torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch]),
+            torch.tensor([b[2] for b in batch]))
+
+
+def eval_batches(dataset: "ImageFolderSafe", indices: np.ndarray, batch_size: int, num_workers: int):
+    """Batches (images, labels, dataset indices) over ``indices`` in order. An unreadable file stops the run
+    with a one-line error: evaluation must cover every image of the set to compare with a reference batch."""
+    from torch.utils.data import DataLoader, Subset
+
+    loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, collate_fn=collate_eval, pin_memory=torch.cuda.is_available())
+    for x, y, idx in loader:
+        if (idx < 0).any():
+            bad = int(-1 - idx[idx < 0][0])
+            raise SystemExit(f"error: cannot read image {dataset.samples[bad][0]} (evaluation needs every image)")
+        yield x, y, idx

@@ -1,0 +1,185 @@
+"""Reconstruction evaluation of a tokenizer: one implementation behind ``reconstruction_vq_ddp_dual.py`` and
+``reconstruction_vq_ddp_triple.py`` (which only fix the factor count).
+
+For every image of the set (ADM centre crop, dataset order, each exactly once whatever the world size) it
+writes the reconstruction into ``<sample-dir>/<folder-name>.npz`` (``arr_0``, uint8 N x H x W x 3; row i is the
+reconstruction of row i of ``val_ddp.py``'s reference batch), and reports:
+
+* PSNR and SSIM exactly as the original script computes them, so numbers compare with published ones:
+  both on [0, 1] float images (reconstruction rounded to uint8 first, original not), averaged per image;
+  PSNR with data range 1; SSIM with scikit-image's defaults (7x7 uniform window) and ``data_range=2.0`` —
+  a quirk of the original (the images span 1, not 2), which makes SSIM read higher than with the true
+  range. We keep it for comparability and also report ``ssim_true_range``;
+* LPIPS (VGG) when the VGG16 weights are available locally;
+* per factor: the fraction of the codebook used over the whole set and the perplexity of the code histogram.
+
+Everything is printed, written to ``<folder-name>_results.txt`` (the original's format) and to
+``<folder-name>.json`` beside the npz.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from tqdm import tqdm
+
+from tokenizer.models import FactorizedTokenizer, describe, load_tokenizer
+from utils.checkpoint import CheckpointError
+from utils.data import ImageFolderSafe, eval_batches, eval_transform, rank_shard
+from utils.distributed import all_reduce_sum, cleanup, init_distributed
+from utils.images import to_uint8
+from utils.npz import ShardedNpzWriter
+
+
+def get_parser(num_factors: int) -> argparse.ArgumentParser:
+    name = {2: "dual", 3: "triple"}.get(num_factors, f"{num_factors}-factor")
+    p = argparse.ArgumentParser(description=f"Reconstruction evaluation of an FQGAN-{name} tokenizer.")
+    p.add_argument("--data-path", type=str, required=True)
+    p.add_argument("--dataset", type=str, default="imagenet", help="imagenet (class folders) or coco (flat)")
+    p.add_argument("--vq-model", type=str, choices=["VQ-16", "VQ-8"], default=None,
+                   help="checked against the checkpoint (which determines the model)")
+    p.add_argument("--vq-ckpt", type=str, required=True)
+    p.add_argument("--codebook-size", type=int, default=None, help="checked against the checkpoint")
+    p.add_argument("--codebook-embed-dim", type=int, default=None, help="checked against the checkpoint")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--image-size-eval", type=int, default=None, help="resize both images to this for metrics")
+    p.add_argument("--sample-dir", type=str, default="reconstructions")
+    p.add_argument("--folder-name", type=str, default="default_recon")
+    p.add_argument("--per-proc-batch-size", type=int, default=32)
+    p.add_argument("--global-seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--num-images", type=int, default=0, help="evaluate only the first N images (0: all)")
+    p.add_argument("--save-png", action="store_true", help="also write <sample-dir>/<folder-name>/NNNNNN.png")
+    p.add_argument("--vgg-path", type=str, default=None, help="VGG16 ImageNet weights for LPIPS (optional)")
+    p.add_argument("--no-tf32", action="store_true", help="full fp32 matmuls on GPU (TF32 is on by default)")
+    # accepted for the original command lines; the checkpoint decides whether heads exist
+    p.add_argument("--with_clip_supervision", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--with_disentanglement", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--disentanglement-ratio", type=float, default=0.1, help=argparse.SUPPRESS)
+    p.add_argument("--semantic-weight", type=float, default=0.5, help=argparse.SUPPRESS)
+    return p
+
+
+def check_flags(args, model: FactorizedTokenizer) -> None:
+    """Flags that describe the model must agree with the checkpoint (which is what gets built)."""
+    cfg = model.config
+    have = {"--vq-model": f"VQ-{cfg.downsample}", "--codebook-size": cfg.codebook_size,
+            "--codebook-embed-dim": cfg.codebook_embed_dim}
+    given = {"--vq-model": args.vq_model, "--codebook-size": args.codebook_size,
+             "--codebook-embed-dim": args.codebook_embed_dim}
+    for flag, value in given.items():
+        if value is not None and value != have[flag]:
+            raise CheckpointError(f"{flag} {value} does not match {args.vq_ckpt}, which holds {describe(cfg)} "
+                                  f"with {flag} {have[flag]}")
+
+
+def image_metrics(recon_u8: np.ndarray, target01: np.ndarray) -> tuple[list[float], list[float], list[float]]:
+    """Per-image PSNR, SSIM (the original's data_range=2 quirk) and SSIM with the true range 1."""
+    psnr, ssim, ssim_true = [], [], []
+    for rec, gt in zip(recon_u8, target01):
+        rec = rec.astype(np.float32) / 255.0
+        psnr.append(float(peak_signal_noise_ratio(gt, rec, data_range=1.0)))
+        ssim.append(float(structural_similarity(rec, gt, data_range=2.0, channel_axis=-1)))
+        ssim_true.append(float(structural_similarity(rec, gt, data_range=1.0, channel_axis=-1)))
+    return psnr, ssim, ssim_true
+
+
+def _lpips_or_none(vgg_path: Optional[str], device: torch.device, log) -> Optional[torch.nn.Module]:
+    try:
+        from tokenizer.losses.lpips import LPIPS, MissingWeightsError
+    except ImportError:
+        return None
+    try:
+        return LPIPS(vgg_path=vgg_path).to(device).eval()
+    except MissingWeightsError as e:
+        log(f"LPIPS skipped: {e}")
+        return None
+
+
+def main(argv=None, num_factors: int = 2) -> dict:
+    args = get_parser(num_factors).parse_args(argv)
+    torch.set_grad_enabled(False)
+    info = init_distributed()
+    if not args.no_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    log = print if info.is_main else (lambda *a, **k: None)
+    try:
+        model = load_tokenizer(args.vq_ckpt, expect_factors=num_factors)
+        check_flags(args, model)
+        dataset = ImageFolderSafe(args.data_path, eval_transform(args.image_size), args.image_size)
+    except (CheckpointError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    model = model.to(info.device)
+    cfg = model.config
+    log(f"Loaded {describe(cfg)} from {args.vq_ckpt}")
+    lpips = _lpips_or_none(args.vgg_path, info.device, log)
+
+    n = min(len(dataset), args.num_images) if args.num_images else len(dataset)
+    size = args.image_size_eval or args.image_size
+    out = Path(args.sample_dir) / f"{args.folder_name}.npz"
+    writer = ShardedNpzWriter(out, {"arr_0": ((n, size, size, 3), np.uint8)})
+    png_dir = Path(args.sample_dir) / args.folder_name
+    if args.save_png:
+        png_dir.mkdir(parents=True, exist_ok=True)
+
+    sums = torch.zeros(5, dtype=torch.float64)  # psnr, ssim, ssim_true, lpips, count
+    hist = torch.zeros(num_factors, cfg.codebook_size, dtype=torch.float64)
+    shard = rank_shard(n, info.rank, info.world_size)
+    batches = eval_batches(dataset, shard, args.per_proc_batch_size, args.num_workers)
+    total = -(-len(shard) // args.per_proc_batch_size)
+    for x, _, idx in tqdm(batches, total=total, disable=not info.is_main, desc=args.folder_name):
+        x = x.to(info.device, non_blocking=True)
+        indices = model.encode_indices(x, batch_size=len(x))
+        recon = model.decode_indices(indices, batch_size=len(x))
+        for f in range(num_factors):
+            hist[f] += torch.bincount(indices[:, f].flatten().cpu(), minlength=cfg.codebook_size).double()
+        if size != args.image_size:
+            x = F.interpolate(x, size=(size, size), mode="bicubic")
+            recon = F.interpolate(recon, size=(size, size), mode="bicubic")
+        recon_u8 = to_uint8(recon).cpu().numpy()
+        writer.write("arr_0", idx.numpy(), recon_u8)
+        psnr, ssim, ssim_true = image_metrics(recon_u8, ((x.permute(0, 2, 3, 1).cpu().numpy() + 1.0) / 2.0))
+        sums[:3] += torch.tensor([sum(psnr), sum(ssim), sum(ssim_true)], dtype=torch.float64)
+        sums[4] += len(x)
+        if lpips is not None:
+            sums[3] += lpips(recon.clamp(-1, 1), x).sum().item()
+        if args.save_png:
+            from PIL import Image
+            for i, img in zip(idx.tolist(), recon_u8):
+                Image.fromarray(img).save(png_dir / f"{i:06d}.png")
+    writer.close()
+
+    all_reduce_sum(sums)
+    all_reduce_sum(hist)
+    count = sums[4].item()
+    results = {"num_images": int(count), "psnr": sums[0].item() / count, "ssim": sums[1].item() / count,
+               "ssim_true_range": sums[2].item() / count,
+               "lpips": sums[3].item() / count if lpips is not None else None,
+               "factors": [], "vq_ckpt": str(args.vq_ckpt), "model": describe(cfg),
+               "image_size": args.image_size, "image_size_eval": size, "npz": str(out)}
+    for f, name in enumerate(model.factor_names):
+        p = hist[f] / hist[f].sum()
+        nz = p[p > 0]
+        results["factors"].append({"name": name, "codes_used": int((hist[f] > 0).sum()),
+                                   "usage": float((hist[f] > 0).float().mean()),
+                                   "perplexity": float(torch.exp(-(nz * nz.log()).sum()))})
+    if info.is_main:
+        line = f"PSNR: {results['psnr']:f}, SSIM: {results['ssim']:f} "
+        print(line)
+        extra = ", ".join(f"{f['name']} usage {f['usage']:.4f} perplexity {f['perplexity']:.1f}"
+                          for f in results["factors"])
+        print(f"SSIM (true data range): {results['ssim_true_range']:f}; "
+              f"LPIPS: {'n/a' if results['lpips'] is None else format(results['lpips'], 'f')}; {extra}")
+        (Path(args.sample_dir) / f"{args.folder_name}_results.txt").write_text(line + "\n")
+        (Path(args.sample_dir) / f"{args.folder_name}.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(f"Saved {n} reconstructions to {out}")
+    cleanup()
+    return results
