@@ -66,19 +66,19 @@ def _unavailable_message(missing: Sequence[tuple[str, str, str]]) -> str:
     for factor, name, reason in missing:
         lines.append(f"  - factor {factor!r}: {name}  ({reason})")
     hub_names = [name for _, name, _ in missing if not _looks_like_path(name)]
-    example = hub_names[0] if hub_names else "openai/clip-vit-large-patch14"
-    flag = teacher_flag(missing[0][0])
-    lines += [
-        "Provide each one before training, either way:",
-        f"  * on a machine with internet run `huggingface-cli download {example}` (or `hf download {example}`), "
-        f"then copy its Hugging Face cache folder (models--{example.replace('/', '--')}) into this machine's "
-        f"cache, {_hf_cache_dir()} (set by HF_HOME / HF_HUB_CACHE);",
-        f"  * or download it into a folder (`huggingface-cli download {example} --local-dir DIR`), copy the "
-        f"folder here and pass it: {flag} DIR (load_teachers(config, overrides={{{missing[0][0]!r}: DIR}}) "
-        "in code).",
-        "Or train without semantic supervision (no feature heads, or semantic weight 0).",
-    ]
-    return "\n".join(line for line in lines if line)
+    factor = missing[0][0]
+    lines.append("Provide each one before training, either way:")
+    if hub_names:
+        commands = " ; ".join(f"`huggingface-cli download {n}`" for n in hub_names)
+        folders = ", ".join(f"models--{n.replace('/', '--')}" for n in hub_names)
+        lines.append(f"  * on a machine with internet run {commands} (or `hf download NAME`), then copy the Hugging "
+                     f"Face cache folder(s) ({folders}) into this machine's cache, {_hf_cache_dir()} (moved by "
+                     "HF_HOME / HF_HUB_CACHE);")
+    lines.append(f"  * or download the model into a folder (`huggingface-cli download NAME --local-dir DIR`), copy "
+                 f"the folder here and pass it with the factor's flag, e.g. {teacher_flag(factor)} DIR "
+                 f"(in code: load_teachers(config, overrides={{{factor!r}: DIR}})).")
+    lines.append("Or train without semantic supervision (no feature heads, or semantic weight 0).")
+    return "\n".join(lines)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -100,15 +100,18 @@ def _offline() -> bool:
 
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load report (loading a vision tower out of a full CLIP checkpoint lists every
-    unused text-tower weight)."""
+    """Silence transformers' load report and progress bars while loading (a vision tower read out of a full
+    CLIP checkpoint would list every unused text-tower weight)."""
     from transformers.utils import logging as hf_logging
-    level = hf_logging.get_verbosity()
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _from_pretrained(cls, name: str, **kwargs):
@@ -253,7 +256,7 @@ def load_teachers(config: TokenizerConfig,
         try:
             teacher = load_teacher(name, image_size, resize_mode, dtype)
         except OSError as err:
-            missing.append((factor.name, name, _short_reason(err)))
+            missing.append((factor.name, name, _short_reason(name, err)))
             continue
         if check_width and teacher.width != factor.head_width:
             raise ValueError(f"factor {factor.name!r}: teacher {name} gives {teacher.width}-wide class tokens "
@@ -264,11 +267,14 @@ def load_teachers(config: TokenizerConfig,
     return Teachers(teachers)
 
 
-def _short_reason(err: BaseException) -> str:
-    if _offline():
-        return "not in the local Hugging Face cache and offline mode (HF_HUB_OFFLINE) is on"
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return first[:200]
+def _short_reason(name: str, err: BaseException) -> str:
+    if _looks_like_path(name):
+        if not Path(name).expanduser().exists():
+            return "no such folder"
+    elif _offline():
+        return "not in the local Hugging Face cache, and offline mode (HF_HUB_OFFLINE) is on"
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
 
 
 # ---------------------------------------------------------------------- command-line flags

@@ -76,21 +76,26 @@ def find_images(root: str | os.PathLike) -> tuple[list[tuple[str, int]], list[st
 
 
 class ImageFolderSafe(Dataset):
-    """An ImageFolder whose items are ``(tensor, label, index)``.
+    """An ImageFolder whose items are ``(image tensor, label, index, unreadable)``.
 
-    A file that cannot be decoded is not fatal: the item comes back with a negative index ``-1 - index`` (and a
-    zero image); in training the collate step drops it and the loop counts it, in evaluation the caller names
-    the file (``dataset.samples[-1 - i][0]``) and stops. ``transform(pil, rng)`` receives a
-    ``random.Random`` seeded from (seed, epoch, index) so augmentations are reproducible whatever the number
-    of workers, which is what makes an interrupted run resume exactly.
+    A file that cannot be decoded never raises inside a worker. With ``fallback`` (training) the next readable
+    image of the folder takes its place, so every batch keeps its size and every rank the same number of
+    steps, and ``unreadable`` counts the files skipped for this item. Without it (evaluation, where each image
+    must be covered) the item comes back as a zero image with ``unreadable = 1`` and the caller names the
+    file (``dataset.samples[index][0]``) and stops.
+
+    ``transform(pil, rng)`` receives a ``random.Random`` seeded from (seed, epoch, index), so augmentations are
+    reproducible whatever the number of workers, which is what makes an interrupted run resume exactly.
     """
 
     def __init__(self, root: str | os.PathLike, transform: Callable[[Image.Image, random.Random], torch.Tensor],
-                 image_size: int, seed: int = 0):
+                 image_size: int, seed: int = 0, fallback: bool = False, max_fallbacks: int = 100):
         self.samples, self.classes = find_images(root)
         self.transform = transform
         self.image_size = image_size
         self.seed = seed
+        self.fallback = fallback
+        self.max_fallbacks = max_fallbacks
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -99,26 +104,32 @@ class ImageFolderSafe(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int):
+    def _load(self, index: int):
         path, label = self.samples[index]
         rng = random.Random(hash((self.seed, self.epoch, index)) & 0xFFFFFFFF)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # PIL's "truncated"/"palette" warnings
-                with Image.open(path) as im:
-                    img = im.convert("RGB")
-            return self.transform(img, rng), label, index
-        except Exception:
-            return torch.zeros(3, self.image_size, self.image_size), label, -1 - index
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's "truncated" / "palette" warnings
+            with Image.open(path) as im:
+                img = im.convert("RGB")
+        return self.transform(img, rng), label
+
+    def __getitem__(self, index: int):
+        tries = self.max_fallbacks if self.fallback else 1
+        for bad in range(tries):
+            i = (index + bad) % len(self.samples)
+            try:
+                x, label = self._load(i)
+                return x, label, i, bad
+            except Exception:
+                continue
+        if self.fallback:
+            raise RuntimeError(f"{self.max_fallbacks} unreadable images in a row from {self.samples[index][0]}")
+        return torch.zeros(3, self.image_size, self.image_size), self.samples[index][1], index, 1
 
 
-def collate_skip_bad(batch):
-    """Stack a batch, dropping items with a negative index (unreadable files). Returns (images, labels, n_bad)."""
-    good = [b for b in batch if b[2] >= 0]
-    n_bad = len(batch) - len(good)
-    if not good:
-        return torch.zeros(0), torch.zeros(0, dtype=torch.long), n_bad
-    return torch.stack([b[0] for b in good]), torch.tensor([b[1] for b in good]), n_bad
+def collate_train(batch):
+    """Stack a training batch: (images, labels, number of unreadable files skipped)."""
+    return (torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch]), sum(b[3] for b in batch))
 
 
 def train_transform(image_size: int, flip: bool = True):
@@ -143,9 +154,9 @@ def rank_shard(n: int, rank: int, world_size: int) -> np.ndarray:
 
 
 def collate_eval(batch):
-    """Stack an evaluation batch: (images, labels, indices); a negative index marks an unreadable file."""
+    """Stack an evaluation batch: (images, labels, indices, unreadable flags)."""
     return (torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch]),
-            torch.tensor([b[2] for b in batch]))
+            torch.tensor([b[2] for b in batch]), torch.tensor([b[3] for b in batch], dtype=torch.bool))
 
 
 def eval_batches(dataset: "ImageFolderSafe", indices: np.ndarray, batch_size: int, num_workers: int):
@@ -155,8 +166,44 @@ def eval_batches(dataset: "ImageFolderSafe", indices: np.ndarray, batch_size: in
 
     loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, collate_fn=collate_eval, pin_memory=torch.cuda.is_available())
-    for x, y, idx in loader:
-        if (idx < 0).any():
-            bad = int(-1 - idx[idx < 0][0])
-            raise SystemExit(f"error: cannot read image {dataset.samples[bad][0]} (evaluation needs every image)")
+    for x, y, idx, bad in loader:
+        if bad.any():
+            path = dataset.samples[int(idx[bad][0])][0]
+            raise SystemExit(f"error: cannot read image {path} (evaluation needs every image)")
         yield x, y, idx
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """Distributed sampler that can start an epoch part-way through, for exact resumption.
+
+    Each epoch is a permutation seeded by (seed, epoch), cut so every rank gets the same number of whole
+    batches (the tail is dropped, as with DistributedSampler + drop_last). ``set_epoch(e, start_batch=k)``
+    skips the k batches this rank already trained on."""
+
+    def __init__(self, num_items: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True):
+        self.n, self.batch, self.rank, self.world = num_items, batch_size, rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch, self.start_batch = 0, 0
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{num_items} items cannot fill one batch of {batch_size} on each of {world_size} "
+                             f"processes; lower the batch size or add data")
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return (self.n // self.world) // self.batch
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        mine = order[self.rank::self.world][:self.batches_per_epoch * self.batch]
+        return iter(mine[self.start_batch * self.batch:].tolist())
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.batch

@@ -34,8 +34,10 @@ def make_grid(images: torch.Tensor | Sequence[torch.Tensor], nrow: int = 8, padd
     return to_uint8(grid[None])[0].numpy()
 
 
-def save_grid(images: torch.Tensor | Sequence[torch.Tensor], path: str | os.PathLike, nrow: int = 8) -> Path:
+def save_grid(images: torch.Tensor | Sequence[torch.Tensor], path: str | os.PathLike, nrow: int = 8) -> np.ndarray:
+    """Write the grid of ``images`` as a PNG and return it (uint8 H x W x 3)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(make_grid(images, nrow)).save(path)
-    return path
+    grid = make_grid(images, nrow)
+    Image.fromarray(grid).save(path)
+    return grid

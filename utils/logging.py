@@ -27,6 +27,15 @@ def create_logger(log_dir: Optional[str | os.PathLike] = None, is_main: bool = T
     return logger
 
 
+def _tensorboard_without_tensorflow() -> None:
+    """TensorBoard's writer imports TensorFlow when it is installed (the FID evaluator needs it), which costs
+    seconds and floods the log. TensorBoard's own switch for its TF-free stub is an importable
+    ``tensorboard.compat.notf`` module; provide one."""
+    import types
+
+    sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+
+
 class MetricWriter:
     """Scalars and images to TensorBoard (and wandb when ``use_wandb`` and it is installed). A no-op off rank 0."""
 
@@ -37,6 +46,7 @@ class MetricWriter:
         self.wandb = None
         if not enabled or log_dir is None:
             return
+        _tensorboard_without_tensorflow()
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(log_dir=str(log_dir))
@@ -59,12 +69,12 @@ class MetricWriter:
         if self.wandb is not None:
             self.wandb.log({k: float(v) for k, v in values.items()}, step=step)
 
-    def image(self, tag: str, chw, step: int) -> None:
-        """``chw``: a float tensor (3, H, W) in [0, 1]."""
+    def image(self, tag: str, hwc, step: int) -> None:
+        """``hwc``: a uint8 array (H, W, 3), e.g. what ``utils.images.save_grid`` returns."""
         if self.tb is not None:
-            self.tb.add_image(tag, chw, step)
+            self.tb.add_image(tag, hwc, step, dataformats="HWC")
         if self.wandb is not None:
-            self.wandb.log({tag: self.wandb.Image(chw.permute(1, 2, 0).cpu().numpy())}, step=step)
+            self.wandb.log({tag: self.wandb.Image(hwc)}, step=step)
 
     def close(self) -> None:
         if self.tb is not None:

@@ -225,7 +225,7 @@ class Attention(nn.Module):
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Without ``input_pos``: causal attention over x alone (training, teacher forcing). With it: x holds
         the sequence positions ``input_pos``; their keys/values go into the cache and ``mask`` (len(input_pos),
-        cache length) says which cache entries each query sees."""
+        n) says which of the first n cache entries each query sees (n < cache length skips the unfilled tail)."""
         B, T, _ = x.shape
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
@@ -234,6 +234,7 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
+            k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
         if self.n_kv_head != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
@@ -284,6 +285,10 @@ class LabelEmbedder(nn.Module):
 # ------------------------------------------------------------------------------------------------------------
 # The model
 # ------------------------------------------------------------------------------------------------------------
+def _ramp(top: float, n: int) -> list[float]:
+    return [top * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
+
+
 class FAROutput(NamedTuple):
     logits: tuple[torch.Tensor, ...]   # F tensors (B, T, vocab_size), float32, factor order
     losses: Optional[torch.Tensor]     # (F,) cross-entropy per factor, when targets were given
@@ -300,10 +305,9 @@ class FAR(nn.Module):
             setattr(self, f"tok_embeddings_{f + 1}", nn.Embedding(cfg.vocab_size, cfg.dim))
         self.aggregation_layer = nn.Linear(Fn * cfg.dim, cfg.dim)  # mixes the F code embeddings of a position
         self.tok_dropout = nn.Dropout(cfg.token_dropout_p)
-        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.n_layer).tolist()
-        self.layers = nn.ModuleList(TransformerBlock(cfg, p) for p in dpr)
-        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.ar_n_layer).tolist()
-        self.ar_head = nn.ModuleList(TransformerBlock(cfg, p) for p in dpr)
+        # stochastic depth grows linearly with depth, from 0 to drop_path_rate, in trunk and head alike
+        self.layers = nn.ModuleList(TransformerBlock(cfg, p) for p in _ramp(cfg.drop_path_rate, cfg.n_layer))
+        self.ar_head = nn.ModuleList(TransformerBlock(cfg, p) for p in _ramp(cfg.drop_path_rate, cfg.ar_n_layer))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)  # shared by all factors, applied to the factor-head output
         for f in range(Fn):
             setattr(self, f"output_{f + 1}", nn.Linear(cfg.dim, cfg.vocab_size, bias=False))
@@ -324,10 +328,10 @@ class FAR(nn.Module):
             nn.init.zeros_(self.output(f).weight)
 
     def _apply(self, fn, recurse=True):
-        # .to(bfloat16) would round the rotary table too; keep it float32, as the original does.
+        # Rebuild the rotary table after every move/cast: .to(bfloat16) would round it (the original keeps it
+        # float32) and .to_empty() after a meta-device build would leave it uninitialised.
         super()._apply(fn, recurse)
-        if self.rope.dtype != torch.float32:
-            self.rope = rope_table(self.config).to(self.rope.device)
+        self.rope = rope_table(self.config).to(self.rope.device)
         return self
 
     def tok_embedding(self, f: int) -> nn.Embedding:
@@ -430,10 +434,12 @@ class FAR(nn.Module):
         return self.aggregation_layer(torch.cat([self.tok_embedding(f)(tokens[:, f:f + 1])
                                                  for f in range(self.config.num_factors)], dim=-1))
 
-    def trunk_step(self, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def trunk_step(self, x: torch.Tensor, input_pos: torch.Tensor, kv_len: Optional[int] = None) -> torch.Tensor:
         """Run the trunk on x (B, S, D) at sequence positions input_pos (S,) with the cache; (B, S, D) out.
-        Sequence position 0 is the class token, position p >= 1 holds the codes of grid position p - 1."""
-        length = self.layers[0].attention.kv_cache.k.shape[2]
+        Sequence position 0 is the class token, position p >= 1 holds the codes of grid position p - 1.
+        ``kv_len`` (> max(input_pos)) limits attention to the filled part of the cache, which saves time in
+        eager mode; None attends over the whole (masked) cache: static shapes for torch.compile / CUDA graphs."""
+        length = kv_len or self.layers[0].attention.kv_cache.k.shape[2]
         mask = torch.arange(length, device=x.device)[None, :] <= input_pos[:, None]
         rope = self.rope[input_pos]
         for layer in self.layers:

@@ -248,16 +248,19 @@ class FQGANLoss(nn.Module):
 
     # ------------------------------------------------------------------ discriminator
     def discriminator_step(self, images: torch.Tensor, recon: Union[torch.Tensor, TokenizerOutput],
-                           step: int) -> DiscriminatorLoss:
+                           step: int, discriminator: Optional[nn.Module] = None) -> DiscriminatorLoss:
         """Discriminator loss on real images vs (detached) reconstructions.
 
         Real and fake batches go through the discriminator separately, as in the original: with PatchGAN's
         BatchNorm the two batches are normalised with their own statistics, which a single concatenated
-        pass would change."""
+        pass would change. ``discriminator`` replaces ``self.discriminator`` for this call: the training loop
+        passes its DistributedDataParallel wrapper, which only this step may run (the generator step uses the
+        bare module with frozen parameters)."""
         if isinstance(recon, TokenizerOutput):
             recon = recon.recon
-        logits_real = self.discriminator(images.contiguous().detach())
-        logits_fake = self.discriminator(recon.contiguous().detach())
+        disc = self.discriminator if discriminator is None else discriminator
+        logits_real = disc(images.contiguous().detach())
+        logits_fake = disc(recon.contiguous().detach())
         disc_factor = self.disc_factor(step)
         disc_weight = self.config.disc_weight * disc_factor
         adv = self.disc_loss(logits_real, logits_fake)

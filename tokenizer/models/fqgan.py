@@ -103,7 +103,7 @@ def tokenizer_config(preset: str = "dual", vq_model: str = "VQ-16", **overrides)
         raise ValueError(f"unknown tokenizer preset {preset!r}; choose from {sorted(PRESETS)}")
     if vq_model not in VQ_CH_MULT:
         raise ValueError(f"unknown --vq-model {vq_model!r}; choose from {sorted(VQ_CH_MULT)}")
-    return TokenizerConfig(factors=PRESETS[preset], ch_mult=VQ_CH_MULT[vq_model], **overrides)
+    return TokenizerConfig(**{"factors": PRESETS[preset], "ch_mult": VQ_CH_MULT[vq_model], **overrides})
 
 
 @dataclass

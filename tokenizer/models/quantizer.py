@@ -94,6 +94,12 @@ class VectorQuantizer(nn.Module):
         return torch.unique(buf).numel() / self.codebook_size
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        # Always in float32, also under bf16 / fp16 autocast: nearest-code search among 16384 unit vectors
+        # and the entropy softmax at temperature 0.01 are too sensitive for 8-bit mantissas.
+        with torch.autocast(z.device.type, enabled=False):
+            return self._quantize(z.float())
+
+    def _quantize(self, z: torch.Tensor) -> QuantizerOutput:
         b, d, h, w = z.shape
         z = z.permute(0, 2, 3, 1)
         if self.l2_norm:

@@ -1,0 +1,102 @@
+"""Encode an ImageFolder into a code store for generator training; one implementation behind
+``extract_codes_c2i_dual_code.py`` and ``extract_codes_c2i_triple_code.py``.
+
+Each image is stored as several augmented views: with ``--ten-crop`` the ADM centre crop to
+``image_size * crop_range`` followed by the ten ``image_size`` crops (four corners and centre, and their mirror
+images); otherwise the centre crop and its mirror image. Training picks one view per image per epoch.
+Unreadable images are skipped (stored with label -1, which the loader leaves out) and counted.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from tqdm import tqdm
+
+from autoregressive.data.code_store import CodeStoreWriter
+from tokenizer.models import describe, load_tokenizer
+from tokenizer.reconstruct import check_flags
+from utils.checkpoint import CheckpointError
+from utils.data import ImageFolderSafe, center_crop_arr, collate_eval, rank_shard, to_model_range
+from utils.distributed import all_reduce_sum, cleanup, init_distributed
+
+
+def get_parser(num_factors: int) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=f"Extract {num_factors}-factor tokenizer codes for FAR training.")
+    p.add_argument("--data-path", type=str, required=True)
+    p.add_argument("--code-path", type=str, required=True)
+    p.add_argument("--vq-model", type=str, choices=["VQ-16", "VQ-8"], default=None, help="checked against the ckpt")
+    p.add_argument("--vq-ckpt", type=str, required=True)
+    p.add_argument("--codebook-size", type=int, default=None, help="checked against the checkpoint")
+    p.add_argument("--codebook-embed-dim", type=int, default=None, help="checked against the checkpoint")
+    p.add_argument("--dataset", type=str, default="imagenet")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--ten-crop", action="store_true", help="store ten crops per image (else centre crop + flip)")
+    p.add_argument("--crop-range", type=float, default=1.1, help="centre crop to image_size * crop_range first")
+    p.add_argument("--global-seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (each with all its views)")
+    p.add_argument("--num-images", type=int, default=0, help="only the first N images (0: all)")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def views_transform(image_size: int, ten_crop: bool, crop_range: float):
+    """PIL image -> (views, 3, S, S) in [-1, 1]."""
+    def f(img, rng=None) -> torch.Tensor:
+        if ten_crop:
+            big = center_crop_arr(img, int(image_size * crop_range))
+            crops = TF.ten_crop(big, [image_size, image_size])
+        else:
+            c = center_crop_arr(img, image_size)
+            crops = (c, TF.hflip(c))
+        return torch.stack([to_model_range(c) for c in crops])
+    return f
+
+
+def main(argv=None, num_factors: int = 2) -> None:
+    args = get_parser(num_factors).parse_args(argv)
+    torch.set_grad_enabled(False)
+    info = init_distributed()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    log = print if info.is_main else (lambda *a, **k: None)
+    try:
+        # The original extraction reads the "model" weights (not "ema"); so do we, for identical codes.
+        model = load_tokenizer(args.vq_ckpt, expect_factors=num_factors, prefer=("model", "ema", "state_dict"))
+        check_flags(args, model)
+        dataset = ImageFolderSafe(args.data_path, views_transform(args.image_size, args.ten_crop, args.crop_range),
+                                  args.image_size)
+    except (CheckpointError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    model = model.to(info.device)
+    log(f"Extracting codes with {describe(model.config)} from {args.vq_ckpt}")
+    n = min(len(dataset), args.num_images) if args.num_images else len(dataset)
+    shard = rank_shard(n, info.rank, info.world_size)
+    num_views = 10 if args.ten_crop else 2
+    grid = (args.image_size // model.config.downsample,) * 2
+    writer = CodeStoreWriter(args.code_path, len(shard), num_views, model.factor_names, grid,
+                             model.config.codebook_size)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard.tolist()), batch_size=args.batch_size,
+                                         num_workers=args.num_workers, collate_fn=collate_eval)
+    skipped = torch.zeros(1, dtype=torch.long)
+    for x, y, _, bad in tqdm(loader, disable=not info.is_main, desc="codes"):
+        b = len(x)
+        skipped += int(bad.sum())
+        y = torch.where(bad, torch.full_like(y, -1), y)
+        x = x.to(info.device).flatten(0, 1)  # (b * views, 3, S, S)
+        codes = model.encode_indices(x, batch_size=len(x))  # (b * views, F, h, w)
+        writer.write(codes.reshape(b, num_views, num_factors, -1).cpu().numpy(), y.numpy())
+    all_reduce_sum(skipped)
+    writer.close(num_classes=len(dataset.classes), extra={
+        "vq_ckpt": str(args.vq_ckpt), "tokenizer": describe(model.config), "image_size": args.image_size,
+        "ten_crop": args.ten_crop, "crop_range": args.crop_range, "data_path": str(args.data_path),
+        "skipped": int(skipped.item()), "classes": dataset.classes})
+    if skipped.item():
+        log(f"Skipped {int(skipped.item())} unreadable images")
+    log(f"Saved codes of {n - int(skipped.item())} images x {num_views} views to {args.code_path}")
+    cleanup()

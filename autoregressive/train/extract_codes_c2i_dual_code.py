@@ -1,0 +1,14 @@
+"""Extract FQGAN-dual tokenizer codes (2 factors) into a code store; see autoregressive/train/extract_codes.py.
+
+    torchrun --nproc_per_node=8 autoregressive/train/extract_codes_c2i_dual_code.py \\
+        --vq-ckpt fqgan_dual_ds16.pt --data-path /data/ImageNet/train --code-path codes/dual --ten-crop
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from autoregressive.train.extract_codes import main  # noqa: E402
+
+if __name__ == "__main__":
+    main(num_factors=2)

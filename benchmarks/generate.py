@@ -1,0 +1,104 @@
+"""Generation speed of FAR with random weights; prints ONE JSON line.
+
+    python benchmarks/generate.py --gpt-model FAR-B --factors 2 --batch-size 4 --cfg-scale 2.0 --device cpu
+
+tokens_per_s counts positions x batch per second (each position carries one code per factor);
+images_per_s = tokens_per_s / positions per image, i.e. extrapolated when --num-positions is below the full
+image (the JSON says so). Decoding cost per position is flat in the position (static cache shapes), so the
+extrapolation is fair. The first --warmup positions run once beforehand, untimed (compilation, allocation).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from autoregressive.models.far import FAR, FAR_models, PRESETS, far_config  # noqa: E402
+from autoregressive.models.generate import generate  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpt-model", default="FAR-B", choices=sorted(FAR_models))
+    p.add_argument("--factors", default="2", help="factor count or preset (dual, triple)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--cfg-scale", type=float, default=2.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on cuda, else float32")
+    p.add_argument("--num-positions", type=int, default=256, help="positions generated per image (timed)")
+    p.add_argument("--warmup", type=int, default=8, help="positions of the untimed warm-up generation")
+    p.add_argument("--repeats", type=int, default=1, help="timed generations; the fastest is reported")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode steps (CUDA graphs on GPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    factors = PRESETS.get(args.factors) or int(args.factors)
+    cfg = far_config(args.gpt_model, factors)
+    if not 1 <= args.num_positions <= cfg.block_size:
+        p.error(f"--num-positions must be in [1, {cfg.block_size}]")
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        model = FAR(cfg)
+    for f in range(cfg.num_factors):  # the init zeroes output layers; random ones give non-trivial sampling
+        torch.nn.init.normal_(model.output(f).weight, std=cfg.initializer_range)
+    model = model.to(DTYPES[dtype_name]).eval()
+    labels = torch.randint(0, cfg.num_classes, (args.batch_size,), device=device)
+    kw = dict(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, compile=args.compile)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    if args.warmup > 0:
+        generate(model, labels, min(args.warmup, cfg.block_size), **kw)
+        sync()
+    best = float("inf")
+    for _ in range(max(1, args.repeats)):
+        t0 = time.perf_counter()
+        generate(model, labels, args.num_positions, **kw)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+
+    tokens_per_s = args.num_positions * args.batch_size / best
+    result = {
+        "tokens_per_s": round(tokens_per_s, 3),
+        "images_per_s": round(tokens_per_s / cfg.block_size, 5),
+        "images_per_s_extrapolated": args.num_positions < cfg.block_size,
+        "seconds": round(best, 3),
+        "ms_per_position": round(best / args.num_positions * 1e3, 3),
+        "model": args.gpt_model,
+        "factors": cfg.num_factors,
+        "params_M": round(model.num_params() / 1e6, 1),
+        "batch_size": args.batch_size,
+        "cfg_scale": args.cfg_scale,
+        "num_positions": args.num_positions,
+        "positions_per_image": cfg.block_size,
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "dtype": dtype_name,
+        "compile": args.compile,
+        "threads": torch.get_num_threads(),
+        "warmup_positions": args.warmup,
+        "repeats": args.repeats,
+        "torch": torch.__version__,
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Tokenizer training end to end: 2-process torchrun on CPU, exact resume, bad files, missing weights."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from demo.photos import build_photo_folder
+from test_reconstruction_eval import torchrun
+from tokenizer.models import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--image-size", "32", "--ch", "32", "--ch-mult", "1,2,2", "--num-res-blocks", "1", "--z-channels", "32",
+        "--adapter-layers", "1", "--head-layers", "1", "--codebook-size", "64", "--codebook-embed-dim", "4",
+        "--perceptual-weight", "0", "--num-workers", "0", "--log-every", "1", "--entropy-loss-ratio", "0.03",
+        "--with_disentanglement"]
+
+
+def metrics(exp_dir):
+    return [json.loads(line) for line in (exp_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return build_photo_folder(tmp_path_factory.mktemp("train"), per_class=4, size=40, classes=["cat", "coffee"])
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher") / "clip"
+    torch.manual_seed(0)
+    cfg = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=32, patch_size=8)
+    transformers.CLIPVisionModel(cfg).save_pretrained(path)
+    return path
+
+
+def test_two_process_training_and_exact_resume(data, tiny_clip, tmp_path):
+    common = ["tokenizer/vq_train_dual.py", "--data-path", data, *TINY, "--global-batch-size", "4",
+              "--disc-start", "3", "--ckpt-every", "2", "--epochs", "2", "--ema", "--image-every", "2",
+              "--with_clip_supervision", "--teacher-sem", tiny_clip, "--teacher-image-size", "32"]
+    r = torchrun(*common, "--exp-name", "full", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    exp = tmp_path / "results_tokenizer_image" / "VQ-16-full"
+    full = metrics(exp)
+    assert [m["step"] for m in full] == [1, 2, 3, 4]
+    for key in ["rec_loss", "codebook_loss_vis", "commit_loss_sem", "entropy_loss_vis", "codebook_usage_sem",
+                "disentangle_loss", "semantic_loss_sem", "generator_adv_loss", "grad_norm", "lr"]:
+        assert key in full[0], key
+    assert full[0]["disc_factor"] == 0 and full[2]["disc_factor"] == 1 and "logits_real" in full[2]
+    assert sorted(p.name for p in (exp / "checkpoints").iterdir()) == ["0000002.pt", "0000004.pt"]
+    assert (exp / "images" / "0000002.png").is_file() and any((exp / "tensorboard").iterdir())
+    ckpt = torch.load(exp / "checkpoints" / "0000004.pt", weights_only=False)
+    assert {"model", "ema", "optimizer", "discriminator", "optimizer_disc", "steps", "args"} <= set(ckpt)
+    assert ckpt["steps"] == 4 and len(ckpt["resume"]["rng"]) == 2
+    assert "encoder.semantic_head.0.ln_pre.weight" in ckpt["model"] and "feat_pred_head.ln_post.bias" in ckpt["ema"]
+    assert load_tokenizer(exp / "checkpoints" / "0000004.pt").config.factors[1].head_width == 32
+
+    # resume at step 2 (mid-epoch: 2 steps per epoch with batch 4 of 8 images -> step 2 ends epoch 0, so use
+    # the epoch boundary and a mid-epoch point both): the losses of steps 3-4 equal the uninterrupted run's
+    r = torchrun(*common, "--exp-name", "resumed", "--vq-ckpt", exp / "checkpoints" / "0000002.pt", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = metrics(tmp_path / "results_tokenizer_image" / "VQ-16-resumed")
+    assert [m["step"] for m in resumed] == [3, 4]
+    for a, b in zip(full[2:], resumed):
+        for k in ("loss", "rec_loss", "semantic_loss_sem", "disc_loss", "grad_norm"):
+            assert a[k] == b[k], (k, a[k], b[k])
+
+
+def test_resume_mid_epoch_single_process(data, tmp_path):
+    common = [sys.executable, str(ROOT / "tokenizer/vq_train_triple.py"), "--data-path", str(data), *TINY,
+              "--global-batch-size", "2", "--disc-start", "2", "--ckpt-every", "3", "--max-steps", "5",
+              "--dropout-p", "0.1"]
+    r = subprocess.run(common + ["--exp-name", "a"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    exp = tmp_path / "results_tokenizer_image" / "VQ-16-a"
+    full = metrics(exp)
+    assert [m["step"] for m in full] == [1, 2, 3, 4, 5] and "codebook_loss_sem_high" in full[0]
+    r = subprocess.run(common + ["--exp-name", "a", "--auto-resume"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and "nothing" not in r.stderr  # already finished: resumes at 5 and stops
+    ckpt = exp / "checkpoints" / "0000003.pt"
+    r = subprocess.run(common + ["--exp-name", "b", "--vq-ckpt", str(ckpt)], capture_output=True, text=True,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step 3, epoch 0, batch 3" in r.stdout  # mid-epoch (4 steps per epoch)
+    resumed = metrics(tmp_path / "results_tokenizer_image" / "VQ-16-b")
+    for a, b in zip(full[3:], resumed):
+        assert a["step"] == b["step"] and a["loss"] == b["loss"] and a["disc_loss"] == b["disc_loss"]
+
+
+def test_corrupt_image_is_skipped_and_counted(data, tmp_path):
+    bad = tmp_path / "data"
+    build_photo_folder(bad, per_class=2, size=40, classes=["cat"])
+    (bad / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    r = subprocess.run([sys.executable, str(ROOT / "tokenizer/vq_train_dual.py"), "--data-path", str(bad), *TINY,
+                        "--global-batch-size", "3", "--max-steps", "2", "--exp-name", "bad"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = metrics(tmp_path / "results_tokenizer_image" / "VQ-16-bad")
+    assert m[-1]["bad_images"] >= 1 and "skipped" in r.stdout
+
+
+def _run_fail(args, tmp_path, **env):
+    r = subprocess.run([sys.executable, str(ROOT / "tokenizer/vq_train_dual.py"), *args],
+                       capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ, **env))
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert not (tmp_path / "results_tokenizer_image" / "VQ-16-x" / "checkpoints").exists()
+    return r.stderr.strip().splitlines()[-1]
+
+
+def test_missing_teacher_and_vgg_messages(data, tmp_path):
+    base = ["--data-path", str(data), *TINY, "--global-batch-size", "2", "--max-steps", "1", "--exp-name", "x"]
+    msg = _run_fail(base + ["--with_clip_supervision"], tmp_path, HF_HUB_OFFLINE="1",
+                    HF_HOME=str(tmp_path / "hf"))
+    assert "openai/clip-vit-large-patch14" in msg and "--teacher-sem" in msg
+    args = [a for a in base if a != "0" or base[base.index(a) - 1] != "--perceptual-weight"]
+    args[args.index("--perceptual-weight") + 1] = "1"
+    msg = _run_fail(args, tmp_path, TORCH_HOME=str(tmp_path / "torch"))
+    assert "vgg16-397923af.pth" in msg and "--perceptual-weight 0" in msg
+    msg = _run_fail(["--data-path", str(tmp_path / "none"), *TINY, "--exp-name", "x"], tmp_path)
+    assert "no such folder" in msg

@@ -1,0 +1,124 @@
+"""Pieces every training loop here shares: experiment folders, checkpoints that resume exactly, RNG state of
+every rank, mixed-precision set-up, and a progress line with an ETA."""
+from __future__ import annotations
+
+import os
+import random
+import re
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from utils.distributed import all_gather_objects, get_rank
+
+CKPT_RE = re.compile(r"^(\d+)\.pt$")
+
+
+def experiment_dir(results_dir: str, model_name: str, exp_name: str) -> Path:
+    """``<results_dir>/<model>-<exp_name>`` as in the original scripts (checkpoints in ``checkpoints/``)."""
+    return Path(results_dir) / f"{model_name.replace('/', '-')}-{exp_name}"
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
+    """The checkpoint with the highest step number in ``ckpt_dir`` (files named ``0005000.pt``), if any."""
+    if not ckpt_dir.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() for m in [CKPT_RE.match(p.name)] if m]
+    return max(found)[1] if found else None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's RNG state (collective), for a checkpoint: dropout masks after a resume then match."""
+    return all_gather_objects(rng_state())
+
+
+def restore_rng_state(states: Optional[list[dict[str, Any]]]) -> bool:
+    """Restore this rank's RNG state from ``gather_rng_states``'s list; False if the world size changed."""
+    rank = get_rank()
+    if not states or rank >= len(states):
+        return False
+    s = states[rank]
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+    return True
+
+
+def autocast_context(device: torch.device, mixed_precision: str):
+    """bf16 / fp16 autocast on CUDA; on CPU training runs in fp32 (CPU autocast is slow and rarely helps)."""
+    if device.type != "cuda" or mixed_precision == "none":
+        return nullcontext
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
+    return lambda: torch.autocast("cuda", dtype=dtype)
+
+
+def grad_scaler(device: torch.device, mixed_precision: str) -> torch.amp.GradScaler:
+    return torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and mixed_precision == "fp16")
+
+
+@contextmanager
+def frozen(module: torch.nn.Module):
+    """Temporarily stop gradients into ``module``'s parameters (gradients still flow through it)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    for p in module.parameters():
+        p.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, f in zip(module.parameters(), flags):
+            p.requires_grad_(f)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    d, rem = divmod(seconds, 86400)
+    h, rem = divmod(rem, 3600)
+    m, s = divmod(rem, 60)
+    return (f"{d}d " if d else "") + f"{h:02d}:{m:02d}:{s:02d}"
+
+
+class Throughput:
+    """Steps/s and images/s since the last report, and an ETA for the remaining steps."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0, self.steps, self.images = time.perf_counter(), 0, 0
+
+    def update(self, images: int) -> None:
+        self.steps += 1
+        self.images += images
+
+    def report(self, steps_left: int) -> dict[str, float]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        out = {"steps_per_s": self.steps / dt, "images_per_s": self.images / dt}
+        out["eta_s"] = steps_left / out["steps_per_s"] if out["steps_per_s"] > 0 else float("inf")
+        self.reset()
+        return out
+
+
+def env_info() -> dict[str, Any]:
+    return {"torch": torch.__version__, "cuda": torch.cuda.is_available(), "pid": os.getpid()}
