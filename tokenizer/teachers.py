@@ -62,23 +62,20 @@ def _hf_cache_dir() -> str:
 
 
 def _unavailable_message(missing: Sequence[tuple[str, str, str]]) -> str:
-    lines = ["semantic teacher model(s) not available on this machine:"]
-    for factor, name, reason in missing:
-        lines.append(f"  - factor {factor!r}: {name}  ({reason})")
+    """One line: which teacher each factor lacks, why, and the two ways to provide it."""
+    needs = "; ".join(f"factor {factor!r} needs {name} ({reason})" for factor, name, reason in missing)
     hub_names = [name for _, name, _ in missing if not _looks_like_path(name)]
-    factor = missing[0][0]
-    lines.append("Provide each one before training, either way:")
+    how = []
     if hub_names:
-        commands = " ; ".join(f"`huggingface-cli download {n}`" for n in hub_names)
+        commands = " and ".join(f"`huggingface-cli download {n}`" for n in hub_names)
         folders = ", ".join(f"models--{n.replace('/', '--')}" for n in hub_names)
-        lines.append(f"  * on a machine with internet run {commands} (or `hf download NAME`), then copy the Hugging "
-                     f"Face cache folder(s) ({folders}) into this machine's cache, {_hf_cache_dir()} (moved by "
-                     "HF_HOME / HF_HUB_CACHE);")
-    lines.append(f"  * or download the model into a folder (`huggingface-cli download NAME --local-dir DIR`), copy "
-                 f"the folder here and pass it with the factor's flag, e.g. {teacher_flag(factor)} DIR "
-                 f"(in code: load_teachers(config, overrides={{{factor!r}: DIR}})).")
-    lines.append("Or train without semantic supervision (no feature heads, or semantic weight 0).")
-    return "\n".join(lines)
+        how.append(f"on a machine with internet run {commands}, then copy {folders} into this machine's Hugging "
+                   f"Face cache {_hf_cache_dir()} (set by HF_HOME / HF_HUB_CACHE)")
+    flags = ", ".join(f"{teacher_flag(factor)} DIR" for factor, _, _ in missing)
+    how.append(f"or download the model into a folder (`huggingface-cli download NAME --local-dir DIR`) and pass "
+               f"{flags}")
+    return (f"semantic teacher not available on this machine: {needs}. To provide it, " + ", ".join(how) +
+            "; or train without semantic supervision (no --with_clip_supervision).")
 
 
 def _looks_like_path(name: str) -> bool:

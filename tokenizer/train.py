@@ -159,7 +159,7 @@ def main(argv=None, preset: str = "dual") -> Optional[Path]:
         fail(f"--global-batch-size {args.global_batch_size} is not divisible by {world} processes x "
              f"{accum} accumulation steps")
     micro_batch = args.global_batch_size // (world * accum)
-    seed_everything(args.global_seed * world + info.rank)
+    seed_everything(args.global_seed)  # the same initial weights on every rank (FSDP does not broadcast them)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -239,6 +239,7 @@ def main(argv=None, preset: str = "dual") -> Optional[Path]:
     if args.ema:
         ema = deepcopy(model).eval()
         requires_grad(ema, False)
+    seed_everything(args.global_seed * world + info.rank)  # from here on every rank draws its own randomness
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
     optimizer_disc = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
     scaler, scaler_disc = grad_scaler(device, args.mixed_precision), grad_scaler(device, args.mixed_precision)
@@ -333,7 +334,8 @@ def main(argv=None, preset: str = "dual") -> Optional[Path]:
             dataset.set_epoch(epoch)
             loader = DataLoader(dataset, batch_size=micro_batch * accum, sampler=sampler, drop_last=True,
                                 num_workers=args.num_workers, collate_fn=collate_train,
-                                pin_memory=device.type == "cuda")
+                                pin_memory=device.type == "cuda",
+                                generator=torch.Generator().manual_seed(args.global_seed))  # not the global RNG
             batch_in_epoch = start_batch if epoch == start_epoch else 0
             for x_all, _, n_bad in loader:
                 if train_steps >= total_steps:

@@ -122,3 +122,49 @@ class Throughput:
 
 def env_info() -> dict[str, Any]:
     return {"torch": torch.__version__, "cuda": torch.cuda.is_available(), "pid": os.getpid()}
+
+
+class MetricAverager:
+    """Per-step scalars averaged over a logging window, then over ranks (``reduce`` is collective: every
+    rank must call it at the same step with the same keys)."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.count += 1
+
+    def reduce(self) -> dict[str, float]:
+        from utils.distributed import all_reduce_mean
+
+        keys = sorted(self.sums)
+        local = torch.tensor([self.sums[k] / max(self.count, 1) for k in keys], dtype=torch.float64)
+        out = dict(zip(keys, all_reduce_mean(local).tolist()))
+        self.sums.clear()
+        self.count = 0
+        return out
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    import json
+
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def progress_line(step: int, total: int, epoch: int, parts: list[str], speed: dict[str, float]) -> str:
+    """``(step=0000100/0200000 epoch=1) loss=... | 2.31 steps/s 590.1 img/s | ETA 1d 02:03:04``."""
+    return (f"(step={step:07d}/{total:07d} epoch={epoch}) " + " ".join(parts) +
+            f" | {speed['steps_per_s']:.2f} steps/s {speed['images_per_s']:.1f} img/s | "
+            f"ETA {format_duration(speed['eta_s'])}")
+
+
+def resume_entry(epoch: int, batch_in_epoch: int, **extra: Any) -> dict[str, Any]:
+    """What a checkpoint needs for an exact resume (collective: gathers every rank's RNG state)."""
+    from utils.distributed import get_world_size
+
+    return {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": gather_rng_states(),
+            "world_size": get_world_size(), **extra}

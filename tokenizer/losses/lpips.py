@@ -65,13 +65,13 @@ def lpips_linear_weights_path() -> Path:
 
 
 def _missing_vgg_message(path: Path) -> str:
-    return (f"LPIPS needs torchvision's ImageNet VGG16 weights, file '{VGG16_FILENAME}', and it is not at {path}.\n"
-            f"Put the file there: on a machine with internet download {VGG16_URL} (or run "
-            "`python -c \"import torchvision; torchvision.models.vgg16(weights='IMAGENET1K_V1')\"` and take it from "
-            f"that machine's torch hub cache, {Path('~/.cache/torch/hub/checkpoints') / VGG16_FILENAME}), then copy "
-            f"it to {default_vgg16_path()} (the torch hub cache; TORCH_HOME moves it) or pass its location "
-            "explicitly (vgg_path=... / the training script's VGG path flag).\n"
-            "For benchmarks and tests only, pretrained=False builds the loss on random VGG weights.")
+    """One line: which file, where it was looked for, how to get it there."""
+    return (f"LPIPS needs torchvision's ImageNet VGG16 weights '{VGG16_FILENAME}', not found at {path}: on a "
+            f"machine with internet download {VGG16_URL} (or run `python -c \"import torchvision; "
+            f"torchvision.models.vgg16(weights='IMAGENET1K_V1')\"` and take it from that machine's "
+            f"~/.cache/torch/hub/checkpoints), then copy it to {default_vgg16_path()} (TORCH_HOME moves it) or "
+            "pass its path (--vgg-path / vgg_path=...); pretrained=False gives random VGG weights for benchmarks "
+            "and tests only")
 
 
 class VGG16Stages(nn.Module):

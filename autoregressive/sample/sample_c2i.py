@@ -1,0 +1,154 @@
+"""Class-conditional sampling from a FAR generator into an FID-ready npz; one implementation behind
+``sample_c2i_ddp_dual_code.py`` and ``sample_c2i_ddp_triple_code.py``.
+
+Writes ``<sample-dir>/<name>.npz`` with ``arr_0`` (exactly ``--num-fid-samples`` uint8 images, split across the
+ranks) and ``arr_1`` (their class labels), directly (no PNG folder round trip), plus ``<name>.png``, a grid of
+the first samples. ``<name>`` follows the original sampler's naming
+(``FAR-B-<ckpt>-size-256-size-256-VQ-16-topk-0-topp-1.0-temperature-1.0-cfg-2.0-seed-0``).
+Labels are uniform random draws, like the original, or exactly balanced with ``--class-balanced``
+(50 per class for 50,000 samples of 1000 classes).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from autoregressive.models import FAR_models, describe as describe_far, generate, load_far
+from tokenizer.models import describe as describe_tok, load_tokenizer
+from tokenizer.reconstruct import check_flags
+from utils.checkpoint import CheckpointError
+from utils.data import rank_shard
+from utils.distributed import cleanup, init_distributed
+from utils.images import save_grid, to_uint8
+from utils.npz import ShardedNpzWriter
+
+
+def get_parser(num_factors: int) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=f"Sample {num_factors}-factor FAR images for FID.")
+    p.add_argument("--gpt-model", type=str, choices=list(FAR_models), default="FAR-B",
+                   help="names the output; the checkpoint decides the architecture")
+    p.add_argument("--gpt-ckpt", type=str, required=True)
+    p.add_argument("--gpt-type", type=str, choices=["c2i"], default="c2i")
+    p.add_argument("--from-fsdp", action="store_true", help="accepted; our FSDP checkpoints are full state dicts")
+    p.add_argument("--cls-token-num", type=int, default=1)
+    p.add_argument("--precision", type=str, default="bf16", choices=["none", "fp16", "bf16"],
+                   help="generator dtype on GPU (CPU runs fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
+    p.add_argument("--vq-model", type=str, choices=["VQ-16", "VQ-8"], default=None, help="checked against the ckpt")
+    p.add_argument("--vq-ckpt", type=str, required=True)
+    p.add_argument("--codebook-size", type=int, default=None, help="checked against the tokenizer checkpoint")
+    p.add_argument("--codebook-embed-dim", type=int, default=None, help="checked against the tokenizer checkpoint")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--image-size-eval", type=int, default=256)
+    p.add_argument("--downsample-size", type=int, choices=[4, 8, 16], default=16)
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--cfg-scale", type=float, nargs="+", default=[1.5],
+                   help="guidance scale: one value, or one per factor (visual first)")
+    p.add_argument("--cfg-interval", type=float, default=-1)
+    p.add_argument("--sample-dir", type=str, default="samples")
+    p.add_argument("--per-proc-batch-size", type=int, default=32)
+    p.add_argument("--num-fid-samples", type=int, default=50000)
+    p.add_argument("--global-seed", type=int, default=0)
+    p.add_argument("--top-k", type=int, nargs="+", default=[0], help="one value or one per factor (0: off)")
+    p.add_argument("--temperature", type=float, nargs="+", default=[1.0], help="one value or one per factor")
+    p.add_argument("--top-p", type=float, nargs="+", default=[1.0], help="one value or one per factor")
+    p.add_argument("--class-balanced", action="store_true", help="the same number of samples for every class")
+    p.add_argument("--grid-samples", type=int, default=64, help="how many samples the PNG grid shows")
+    p.add_argument("--name", type=str, default=None, help="output name (default: the original's naming)")
+    return p
+
+
+def _one_or_list(values):
+    return values[0] if len(values) == 1 else list(values)
+
+
+def output_name(args, vq_model: str) -> str:
+    ckpt = Path(args.gpt_ckpt).name.replace(".pth", "").replace(".pt", "")
+    if args.from_fsdp:
+        ckpt = Path(args.gpt_ckpt).parent.name
+    fmt = lambda v: "_".join(map(str, v))  # noqa: E731
+    return (f"{args.gpt_model}-{ckpt}-size-{args.image_size}-size-{args.image_size_eval}-{vq_model}-"
+            f"topk-{fmt(args.top_k)}-topp-{fmt(args.top_p)}-temperature-{fmt(args.temperature)}-"
+            f"cfg-{fmt(args.cfg_scale)}-seed-{args.global_seed}")
+
+
+def sample_labels(n: int, num_classes: int, seed: int, balanced: bool) -> np.ndarray:
+    """All n labels, drawn once from the global seed, so the set does not depend on the world size."""
+    rng = np.random.default_rng(seed)
+    if balanced:
+        return rng.permutation(np.arange(n) % num_classes)
+    return rng.integers(0, num_classes, size=n)
+
+
+def main(argv=None, num_factors: int = 2) -> Path:
+    args = get_parser(num_factors).parse_args(argv)
+    torch.set_grad_enabled(False)
+    info = init_distributed()
+    device = info.device
+    log = print if info.is_main else (lambda *a, **k: None)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    if device.type != "cuda":
+        dtype = torch.float32
+    grid = args.image_size // args.downsample_size
+    try:
+        # the original sampler decodes with the tokenizer's "model" weights, as its codes were extracted with
+        tokenizer = load_tokenizer(args.vq_ckpt, expect_factors=num_factors, prefer=("model", "ema", "state_dict"))
+        check_flags(args, tokenizer)
+        far = load_far(args.gpt_ckpt, expect_factors=num_factors, block_size=grid * grid)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    if far.config.vocab_size != tokenizer.config.codebook_size:
+        sys.exit(f"error: {args.gpt_ckpt} generates codes of a {far.config.vocab_size}-entry codebook, but "
+                 f"{args.vq_ckpt} has {tokenizer.config.codebook_size} entries")
+    if args.num_classes != far.config.num_classes:
+        sys.exit(f"error: --num-classes {args.num_classes} does not match {args.gpt_ckpt} "
+                 f"({far.config.num_classes} classes)")
+    if tokenizer.config.downsample != args.downsample_size:
+        sys.exit(f"error: --downsample-size {args.downsample_size} does not match {args.vq_ckpt} "
+                 f"({tokenizer.config.downsample})")
+    tokenizer = tokenizer.to(device)
+    far = far.to(device=device, dtype=dtype)
+    log(f"Generator: {describe_far(far.config)} ({args.gpt_ckpt}); tokenizer: {describe_tok(tokenizer.config)}")
+
+    n = args.num_fid_samples
+    labels = sample_labels(n, args.num_classes, args.global_seed, args.class_balanced)
+    name = args.name or output_name(args, args.vq_model or f"VQ-{tokenizer.config.downsample}")
+    out = Path(args.sample_dir) / f"{name}.npz"
+    size = args.image_size_eval
+    writer = ShardedNpzWriter(out, {"arr_0": ((n, size, size, 3), np.uint8), "arr_1": ((n,), np.int64)})
+    mine = rank_shard(n, info.rank, info.world_size)
+    batches = [mine[i:i + args.per_proc_batch_size] for i in range(0, len(mine), args.per_proc_batch_size)]
+    kw = dict(cfg_scale=_one_or_list(args.cfg_scale), cfg_interval=args.cfg_interval,
+              temperature=_one_or_list(args.temperature), top_k=_one_or_list(args.top_k),
+              top_p=_one_or_list(args.top_p), compile=args.compile)
+    grid_images = []
+    for rows in tqdm(batches, disable=not info.is_main, desc=name[:40]):
+        # A generator per batch, seeded by its first row: samples do not depend on what other ranks do.
+        gen = torch.Generator(device).manual_seed(args.global_seed * 1_000_003 + int(rows[0]))
+        y = torch.from_numpy(labels[rows]).to(device)
+        codes = generate(far, y, grid * grid, generator=gen, **kw)  # (B, T, F)
+        indices = codes.permute(0, 2, 1).reshape(len(rows), num_factors, grid, grid)
+        images = tokenizer.decode_indices(indices, batch_size=len(rows))
+        if size != args.image_size:
+            images = F.interpolate(images, size=(size, size), mode="bicubic")
+        writer.write("arr_0", rows, to_uint8(images).cpu().numpy())
+        writer.write("arr_1", rows, labels[rows])
+        if info.is_main and sum(len(g) for g in grid_images) < args.grid_samples:
+            grid_images.append(images.cpu())
+    writer.close()
+    if info.is_main:
+        shown = torch.cat(grid_images)[:args.grid_samples] if grid_images else None
+        if shown is not None:
+            save_grid(shown, out.with_suffix(".png"), nrow=int(np.ceil(np.sqrt(len(shown)))))
+        print(f"Saved {n} samples to {out} (arr_0 images, arr_1 labels) and a grid to {out.with_suffix('.png')}")
+    cleanup()
+    return out
