@@ -41,6 +41,9 @@ def main(argv=None) -> dict:
     p.add_argument("--compile", action="store_true", help="torch.compile the decode steps (CUDA graphs on GPU)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--loader-items", type=int, default=8192,
+                   help="also time the code-store loader on a temporary store of this many images x 10 views "
+                        "(0: skip)")
     args = p.parse_args(argv)
 
     if args.threads:
@@ -96,8 +99,35 @@ def main(argv=None) -> dict:
         "repeats": args.repeats,
         "torch": torch.__version__,
     }
+    if args.loader_items:
+        result.update(loader_speed(args.loader_items, cfg.num_factors, cfg.block_size, cfg.vocab_size))
     print(json.dumps(result))
     return result
+
+
+def loader_speed(items: int, factors: int, tokens: int, vocab: int, batch: int = 256) -> dict:
+    """Samples/s of CodeDataset + DataLoader over one shuffled epoch of a temporary store (page cache warm)."""
+    import tempfile
+
+    import numpy as np
+    from torch.utils.data import DataLoader
+
+    from autoregressive.data.code_store import CodeDataset, CodeStoreWriter, collate_codes
+
+    with tempfile.TemporaryDirectory() as root:
+        w = CodeStoreWriter(root, items, 10, [f"f{i}" for i in range(factors)], (int(tokens ** 0.5),) * 2, vocab)
+        rng = np.random.default_rng(0)
+        for start in range(0, items, 1024):
+            n = min(1024, items - start)
+            w.write(rng.integers(0, vocab, (n, 10, factors, tokens)), rng.integers(0, 1000, n))
+        w.close(num_classes=1000)
+        loader = DataLoader(CodeDataset(root), batch_size=batch, shuffle=True, collate_fn=collate_codes)
+        for _ in loader:  # warm the page cache
+            pass
+        t0 = time.perf_counter()
+        seen = sum(len(codes) for codes, _ in loader)
+        dt = time.perf_counter() - t0
+    return {"loader_samples_per_s": round(seen / dt, 1), "loader_items": items, "loader_batch": batch}
 
 
 if __name__ == "__main__":

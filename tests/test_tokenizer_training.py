@@ -123,3 +123,18 @@ def test_missing_teacher_and_vgg_messages(data, tmp_path):
     assert "vgg16-397923af.pth" in msg and "--perceptual-weight 0" in msg
     msg = _run_fail(["--data-path", str(tmp_path / "none"), *TINY, "--exp-name", "x"], tmp_path)
     assert "no such folder" in msg
+
+
+def test_launch_script_with_environment_overrides(data, tmp_path):
+    """train_fqgan_triple.sh: torchrun settings and the data path from the environment, extra flags win."""
+    from test_reconstruction_eval import free_port
+
+    env = dict(os.environ, NPROC_PER_NODE="2", DATA_PATH=str(data), MASTER_PORT=str(free_port()),
+               OMP_NUM_THREADS="1", EXP_NAME="script")
+    r = subprocess.run(["bash", str(ROOT / "train_fqgan_triple.sh"), *TINY, "--global-batch-size", "4",
+                        "--max-steps", "1", "--no-clip-supervision"], capture_output=True, text=True, cwd=tmp_path,
+                       env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "--nproc_per_node=2" in r.stderr and "vq_train_triple.py" in r.stderr
+    m = metrics(tmp_path / "results_tokenizer_image" / "VQ-16-script")
+    assert m[0]["step"] == 1 and "codebook_loss_sem_high" in m[0]

@@ -103,9 +103,9 @@ def _lpips_or_none(vgg_path: Optional[str], device: torch.device, log) -> Option
         return None
 
 
+@torch.no_grad()  # evaluation only (and leaves grad mode alone for in-process callers)
 def main(argv=None, num_factors: int = 2) -> dict:
     args = get_parser(num_factors).parse_args(argv)
-    torch.set_grad_enabled(False)
     info = init_distributed()
     if not args.no_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True

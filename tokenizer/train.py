@@ -86,7 +86,10 @@ def get_parser(preset: str) -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", type=str, default="bf16", choices=["none", "fp16", "bf16"],
                    help="autocast dtype on GPU (CPU runs fp32)")
     p.add_argument("--with_clip_supervision", action="store_true", help="feature heads + semantic teachers")
+    p.add_argument("--no-clip-supervision", dest="with_clip_supervision", action="store_false",
+                   help="turn semantic supervision off again (e.g. after a launch script's defaults)")
     p.add_argument("--with_disentanglement", action="store_true")
+    p.add_argument("--no-disentanglement", dest="with_disentanglement", action="store_false")
     p.add_argument("--semantic-weight", type=float, default=0.5)
     p.add_argument("--disentanglement-ratio", type=float, default=0.1)
     # this project's additions

@@ -39,9 +39,9 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+@torch.no_grad()  # evaluation only (and leaves grad mode alone for in-process callers)
 def main(argv=None) -> Path:
     args = get_parser().parse_args(argv)
-    torch.set_grad_enabled(False)
     info = init_distributed()
     try:
         dataset = ImageFolderSafe(args.data_path, eval_transform(args.image_size), args.image_size)

@@ -86,9 +86,9 @@ def sample_labels(n: int, num_classes: int, seed: int, balanced: bool) -> np.nda
     return rng.integers(0, num_classes, size=n)
 
 
+@torch.no_grad()  # evaluation only (and leaves grad mode alone for in-process callers)
 def main(argv=None, num_factors: int = 2) -> Path:
     args = get_parser(num_factors).parse_args(argv)
-    torch.set_grad_enabled(False)
     info = init_distributed()
     device = info.device
     log = print if info.is_main else (lambda *a, **k: None)
@@ -146,9 +146,10 @@ def main(argv=None, num_factors: int = 2) -> Path:
             grid_images.append(images.cpu())
     writer.close()
     if info.is_main:
-        shown = torch.cat(grid_images)[:args.grid_samples] if grid_images else None
-        if shown is not None:
+        print(f"Saved {n} samples to {out} (arr_0 images, arr_1 labels)")
+        if grid_images and args.grid_samples > 0:
+            shown = torch.cat(grid_images)[:args.grid_samples]
             save_grid(shown, out.with_suffix(".png"), nrow=int(np.ceil(np.sqrt(len(shown)))))
-        print(f"Saved {n} samples to {out} (arr_0 images, arr_1 labels) and a grid to {out.with_suffix('.png')}")
+            print(f"Grid of the first {len(shown)} samples: {out.with_suffix('.png')}")
     cleanup()
     return out

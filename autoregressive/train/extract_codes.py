@@ -58,9 +58,9 @@ def views_transform(image_size: int, ten_crop: bool, crop_range: float):
     return f
 
 
+@torch.no_grad()  # evaluation only (and leaves grad mode alone for in-process callers)
 def main(argv=None, num_factors: int = 2) -> None:
     args = get_parser(num_factors).parse_args(argv)
-    torch.set_grad_enabled(False)
     info = init_distributed()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True

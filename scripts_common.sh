@@ -1,0 +1,21 @@
+# Shared by the launch scripts (sourced, not run): torchrun settings from the environment.
+#   NNODES NPROC_PER_NODE NODE_RANK MASTER_ADDR MASTER_PORT   torchrun's settings
+#   PYTHON                                                    interpreter (default: .venv/bin/python, else python3)
+# NPROC_PER_NODE defaults to the number of visible GPUs, or 1 on a machine without one.
+# Paths given to the scripts are relative to where you run them (outputs land there too), as in the original.
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
+fi
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-localhost}
+if [ -z "${NPROC_PER_NODE:-}" ]; then
+  NPROC_PER_NODE=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))" 2>/dev/null || echo 1)
+fi
+# launch PORT SCRIPT ARGS...: torchrun SCRIPT (relative to the repository); one CPU, one GPU node or many nodes
+launch() {
+  local port=$1; shift
+  "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" \
+    --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" --master_port="${MASTER_PORT:-$port}" "$ROOT/$1" "${@:2}"
+}
