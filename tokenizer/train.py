@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
-import sys
 from contextlib import nullcontext
 from copy import deepcopy
 from pathlib import Path
@@ -21,7 +19,6 @@ from typing import Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
 
 from tokenizer.losses import FQGANLoss, LossConfig, MissingWeightsError
 from tokenizer.models import (FactorizedTokenizer, describe, infer_config, load_released_state_dict,
@@ -31,12 +28,12 @@ from tokenizer.teachers import (TeacherUnavailableError, add_teacher_arguments, 
                                 teacher_overrides_from_args)
 from utils.checkpoint import CheckpointError, atomic_save, extract_weights, load_file
 from utils.data import ImageFolderSafe, ResumableSampler, collate_train, train_transform
-from utils.distributed import all_reduce_mean, barrier, cleanup, init_distributed, is_distributed
+from utils.distributed import barrier, cleanup, is_distributed
 from utils.ema import requires_grad, update_ema
 from utils.images import save_grid
-from utils.logging import MetricWriter, create_logger
-from utils.training import (Throughput, autocast_context, experiment_dir, format_duration, frozen,
-                            gather_rng_states, grad_scaler, latest_checkpoint, restore_rng_state, seed_everything)
+from utils.logging import MetricWriter
+from utils.training import (MetricAverager, Throughput, autocast_context, epoch_loader, fail, find_resume, frozen,
+                            grad_scaler, report, restore_position, resume_entry, seed_everything, start_run)
 
 
 def get_parser(preset: str) -> argparse.ArgumentParser:
@@ -153,31 +150,12 @@ class _Stop(Exception):
 
 def main(argv=None, preset: str = "dual") -> Optional[Path]:
     args = get_parser(preset).parse_args(argv)
-    info = init_distributed(args.device)
-    device = info.device
-    world = info.world_size
-    fail = lambda msg: sys.exit(f"error: {msg}")  # noqa: E731
-    accum = max(1, args.gradient_accumulation_steps)
-    if args.global_batch_size % (world * accum):
-        fail(f"--global-batch-size {args.global_batch_size} is not divisible by {world} processes x "
-             f"{accum} accumulation steps")
-    micro_batch = args.global_batch_size // (world * accum)
-    seed_everything(args.global_seed)  # the same initial weights on every rank (FSDP does not broadcast them)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    exp_dir = experiment_dir(args.results_dir, args.vq_model, args.exp_name)
-    ckpt_dir = exp_dir / "checkpoints"
-    logger = create_logger(exp_dir if info.is_main else None, info.is_main)
-    logger.info(f"Experiment directory: {exp_dir}")
-    logger.info(f"{args}")
+    run = start_run(args, args.vq_model)
+    info, logger, micro_batch, accum = run.info, run.logger, run.micro_batch, run.accum
+    device, world = info.device, info.world_size
 
     # ---- what to resume from (read before building, so the model matches the file)
-    resume_path = args.vq_ckpt
-    if resume_path is None and args.auto_resume:
-        latest = latest_checkpoint(ckpt_dir)
-        resume_path = str(latest) if latest else None
+    resume_path = find_resume(args.vq_ckpt, args.auto_resume, run.ckpt_dir)
     ckpt, base_size = None, args.image_size
     if resume_path:
         try:
@@ -263,19 +241,10 @@ def main(argv=None, preset: str = "dual") -> Optional[Path]:
                 obj.load_state_dict(ckpt[name])
             else:
                 logger.warning(f"{resume_path} has no '{name}'; it starts fresh")
-        state = ckpt.get("resume", {})
         if not args.finetune:
-            train_steps = int(ckpt.get("steps", 0))
-            if "epoch" in state:
-                start_epoch, start_batch = state["epoch"], state["batch_in_epoch"]
-                bad_images = state.get("bad_images", 0)
-                scaler.load_state_dict(state["scaler"])
-                scaler_disc.load_state_dict(state["scaler_disc"])
-                if not restore_rng_state(state.get("rng")):
-                    logger.warning("world size changed since the checkpoint: RNG streams start afresh")
-            else:  # an original checkpoint: rewind to the start of its epoch, as the original does
-                start_epoch = train_steps // steps_per_epoch
-                train_steps = start_epoch * steps_per_epoch
+            train_steps, start_epoch, start_batch, state = restore_position(
+                ckpt, steps_per_epoch, {"scaler": scaler, "scaler_disc": scaler_disc}, logger)
+            bad_images = state.get("bad_images", 0)
         logger.info(f"Resumed from {resume_path}: step {train_steps}, epoch {start_epoch}, batch {start_batch}"
                     + (" (finetune: step counter reset)" if args.finetune else ""))
         del ckpt
@@ -297,29 +266,25 @@ def main(argv=None, preset: str = "dual") -> Optional[Path]:
     if device.type != "cuda" and args.mixed_precision != "none":
         logger.info("CPU run: training in fp32 (--mixed-precision applies on GPU)")
 
-    writer = MetricWriter(exp_dir / "tensorboard", info.is_main, args.wandb, "fqgan-tokenizer", args.exp_name, args,
-                          logger)
-    (exp_dir / "images").mkdir(parents=True, exist_ok=True) if info.is_main else None
+    writer = MetricWriter(run.exp_dir / "tensorboard", info.is_main, args.wandb, "fqgan-tokenizer", args.exp_name,
+                          args, logger)
+    (run.exp_dir / "images").mkdir(parents=True, exist_ok=True) if info.is_main else None
     image_every = args.image_every or 5 * args.log_every
-    throughput = Throughput(device)
-    sums: dict[str, float] = {}
-    n_logged = 0
+    throughput, averager = Throughput(device), MetricAverager()
     last_saved, saved_step = None, -1
 
     def save(epoch: int, batch_in_epoch: int) -> None:
         nonlocal last_saved, saved_step
         saved_step = train_steps  # on every rank: whether to save again is a collective decision
-        rng = gather_rng_states()
+        resume = resume_entry(epoch, batch_in_epoch, bad_images=bad_images, scaler=scaler.state_dict(),
+                              scaler_disc=scaler_disc.state_dict())
         if info.is_main and not args.no_local_save:
             ckpt_out = tokenizer_checkpoint(
                 model, ema, optimizer=optimizer.state_dict(), discriminator=disc.state_dict(),
                 optimizer_disc=optimizer_disc.state_dict(), steps=train_steps, args=args,
-                config=dataclasses.asdict(config),
-                resume={"epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": rng, "bad_images": bad_images,
-                        "scaler": scaler.state_dict(), "scaler_disc": scaler_disc.state_dict(), "world_size": world})
-            path = atomic_save(ckpt_out, ckpt_dir / f"{train_steps:07d}.pt")
-            logger.info(f"Saved checkpoint to {path}")
-            last_saved = path
+                config=dataclasses.asdict(config), resume=resume)
+            last_saved = atomic_save(ckpt_out, run.ckpt_dir / f"{train_steps:07d}.pt")
+            logger.info(f"Saved checkpoint to {last_saved}")
         barrier()
 
     def idle_disc_step() -> None:
@@ -335,10 +300,8 @@ def main(argv=None, preset: str = "dual") -> Optional[Path]:
         for epoch in range(start_epoch, args.epochs):
             sampler.set_epoch(epoch, start_batch if epoch == start_epoch else 0)
             dataset.set_epoch(epoch)
-            loader = DataLoader(dataset, batch_size=micro_batch * accum, sampler=sampler, drop_last=True,
-                                num_workers=args.num_workers, collate_fn=collate_train,
-                                pin_memory=device.type == "cuda",
-                                generator=torch.Generator().manual_seed(args.global_seed))  # not the global RNG
+            loader = epoch_loader(dataset, sampler, micro_batch * accum, args.num_workers, collate_train, device,
+                                  args.global_seed)
             batch_in_epoch = start_batch if epoch == start_epoch else 0
             for x_all, _, n_bad in loader:
                 if train_steps >= total_steps:
@@ -400,37 +363,21 @@ def main(argv=None, preset: str = "dual") -> Optional[Path]:
                 logs = gen_logs[-1].logs()
                 logs.update(disc_logs)
                 logs["grad_norm"] = float(grad_norm)
-                for k, v in logs.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                n_logged += 1
+                averager.add(logs)
                 if train_steps % args.log_every == 0 or train_steps == total_steps:
-                    keys = sorted(sums)
-                    avg = all_reduce_mean(torch.tensor([sums[k] / n_logged for k in keys], dtype=torch.float64))
-                    avg = dict(zip(keys, avg.tolist()))
-                    speed = throughput.report(total_steps - train_steps)
-                    avg["lr"] = optimizer.param_groups[0]["lr"]
-                    avg["bad_images"] = bad_images
-                    writer.scalars({f"train/{k}": v for k, v in avg.items()}, train_steps)
-                    writer.scalars({"speed/steps_per_s": speed["steps_per_s"],
-                                    "speed/images_per_s": speed["images_per_s"]}, train_steps)
+                    avg = averager.reduce()
+                    avg.update(lr=optimizer.param_groups[0]["lr"], bad_images=bad_images)
                     usage = " ".join(f"{n}={avg[f'codebook_usage_{n}']:.3f}" for n in model.factor_names)
-                    logger.info(
-                        f"(step={train_steps:07d}/{total_steps:07d} epoch={epoch}) loss={avg['loss']:.4f} "
-                        f"rec={avg['rec_loss']:.4f} "
-                        + (f"lpips={avg['perceptual_loss']:.4f} " if "perceptual_loss" in avg else "")
-                        + f"dis={avg['disentangle_loss']:.4f} usage[{usage}] grad={avg['grad_norm']:.3f} | "
-                        f"{speed['steps_per_s']:.2f} steps/s {speed['images_per_s']:.1f} img/s | "
-                        f"ETA {format_duration(speed['eta_s'])}" + (f" | skipped {bad_images} bad images"
-                                                                    if bad_images else ""))
-                    if info.is_main:
-                        with open(exp_dir / "metrics.jsonl", "a") as f:
-                            f.write(json.dumps({"step": train_steps, **avg}) + "\n")
-                    sums.clear()
-                    n_logged = 0
+                    parts = [f"loss={avg['loss']:.4f}", f"rec={avg['rec_loss']:.4f}"] + \
+                        ([f"lpips={avg['perceptual_loss']:.4f}"] if "perceptual_loss" in avg else []) + \
+                        [f"dis={avg['disentangle_loss']:.4f}", f"usage[{usage}]", f"grad={avg['grad_norm']:.3f}"] + \
+                        ([f"skipped {bad_images} bad images"] if bad_images else [])
+                    report(run, writer, train_steps, total_steps, epoch,
+                           avg, throughput.report(total_steps - train_steps), parts)
                 if info.is_main and train_steps % image_every == 0:
                     shown = micro[-1][:8]
                     grid = save_grid(torch.cat([shown.float(), recons[-1][:8].float()]).cpu(),
-                                     exp_dir / "images" / f"{train_steps:07d}.png", nrow=len(shown))
+                                     run.exp_dir / "images" / f"{train_steps:07d}.png", nrow=len(shown))
                     writer.image("train/inputs_and_reconstructions", grid, train_steps)
                 if train_steps % args.ckpt_every == 0:
                     save(epoch, batch_in_epoch)

@@ -2,18 +2,21 @@
 every rank, mixed-precision set-up, and a progress line with an ETA."""
 from __future__ import annotations
 
-import os
+import logging
 import random
 import re
+import sys
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import numpy as np
 import torch
 
-from utils.distributed import all_gather_objects, get_rank
+from utils.distributed import DistInfo, all_gather_objects, get_rank, init_distributed
+from utils.logging import create_logger
 
 CKPT_RE = re.compile(r"^(\d+)\.pt$")
 
@@ -120,10 +123,6 @@ class Throughput:
         return out
 
 
-def env_info() -> dict[str, Any]:
-    return {"torch": torch.__version__, "cuda": torch.cuda.is_available(), "pid": os.getpid()}
-
-
 class MetricAverager:
     """Per-step scalars averaged over a logging window, then over ranks (``reduce`` is collective: every
     rank must call it at the same step with the same keys)."""
@@ -168,3 +167,88 @@ def resume_entry(epoch: int, batch_in_epoch: int, **extra: Any) -> dict[str, Any
 
     return {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": gather_rng_states(),
             "world_size": get_world_size(), **extra}
+
+
+def fail(msg: object) -> NoReturn:
+    """Stop the run with a one-line error (no traceback): bad flags, missing files, checkpoints that don't fit."""
+    sys.exit(f"error: {msg}")
+
+
+@dataclass
+class Run:
+    """Who this process is and where its run writes: what both training loops set up first."""
+    info: DistInfo
+    accum: int  # gradient-accumulation steps
+    micro_batch: int  # images per rank per forward pass
+    exp_dir: Path
+    logger: logging.Logger
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.exp_dir / "checkpoints"
+
+
+def start_run(args, model_name: str) -> Run:
+    """Join the process group, check the batch arithmetic, seed (identically on every rank, so all ranks build
+    the same initial weights; call ``seed_everything(seed * world + rank)`` once the models exist), and open
+    ``<results-dir>/<model>-<exp-name>`` with its log."""
+    info = init_distributed(args.device)
+    world = info.world_size
+    accum = max(1, args.gradient_accumulation_steps)
+    if args.global_batch_size % (world * accum):
+        fail(f"--global-batch-size {args.global_batch_size} is not divisible by {world} processes x "
+             f"{accum} accumulation steps")
+    seed_everything(args.global_seed)
+    if info.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    exp_dir = experiment_dir(args.results_dir, model_name, args.exp_name)
+    logger = create_logger(exp_dir if info.is_main else None, info.is_main)
+    logger.info(f"Experiment directory: {exp_dir}")
+    logger.info(f"{args}")
+    return Run(info, accum, args.global_batch_size // (world * accum), exp_dir, logger)
+
+
+def find_resume(explicit: Optional[str], auto: bool, ckpt_dir: Path) -> Optional[str]:
+    """The checkpoint to resume from: the one named on the command line, else with ``auto`` the run's newest."""
+    if explicit or not auto:
+        return explicit
+    latest = latest_checkpoint(ckpt_dir)
+    return str(latest) if latest else None
+
+
+def restore_position(ckpt: dict[str, Any], steps_per_epoch: int, scalers: dict[str, Any],
+                     logger: logging.Logger) -> tuple[int, int, int, dict[str, Any]]:
+    """(train_steps, epoch, batch in epoch, resume state) from a checkpoint; restores the grad scalers (named
+    as in the resume state) and this rank's RNG. A checkpoint of the original code carries only ``steps``: it
+    is rewound to the start of its epoch, as the original does."""
+    steps = int(ckpt.get("steps", 0))
+    state = ckpt.get("resume", {})
+    if "epoch" not in state:
+        epoch = steps // steps_per_epoch
+        return epoch * steps_per_epoch, epoch, 0, state
+    for name, scaler in scalers.items():
+        scaler.load_state_dict(state[name])
+    if not restore_rng_state(state.get("rng")):
+        logger.warning("world size changed since the checkpoint: RNG streams start afresh")
+    return steps, state["epoch"], state["batch_in_epoch"], state
+
+
+def epoch_loader(dataset, sampler, batch_size: int, num_workers: int, collate_fn, device: torch.device,
+                 seed: int) -> torch.utils.data.DataLoader:
+    """The loader of one epoch. It gets its own generator: drawing its worker seeds from the global RNG would
+    shift dropout masks after a resume."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                                       num_workers=num_workers, collate_fn=collate_fn,
+                                       pin_memory=device.type == "cuda",
+                                       generator=torch.Generator().manual_seed(seed))
+
+
+def report(run: Run, writer, step: int, total: int, epoch: int, avg: dict[str, float], speed: dict[str, float],
+           parts: list[str]) -> None:
+    """One logging point: TensorBoard scalars, the console / log-file progress line, ``metrics.jsonl``."""
+    writer.scalars({f"train/{k}": v for k, v in avg.items()}, step)
+    writer.scalars({f"speed/{k}": speed[k] for k in ("steps_per_s", "images_per_s")}, step)
+    run.logger.info(progress_line(step, total, epoch, parts, speed))
+    if run.info.is_main:
+        append_jsonl(run.exp_dir / "metrics.jsonl", {"step": step, **avg})

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from tqdm import tqdm

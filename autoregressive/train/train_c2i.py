@@ -12,7 +12,6 @@ import argparse
 import dataclasses
 import inspect
 import math
-import sys
 from contextlib import nullcontext
 from copy import deepcopy
 from pathlib import Path
@@ -20,19 +19,17 @@ from typing import Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
 
 from autoregressive.data.code_store import CodeDataset, CodeStoreError, collate_codes
 from autoregressive.models import FAR, FAR_models, describe, far_checkpoint, far_config, load_released_state_dict
 from autoregressive.models.far import TransformerBlock
 from utils.checkpoint import CheckpointError, atomic_save, extract_weights, load_file
 from utils.data import ResumableSampler
-from utils.distributed import barrier, cleanup, init_distributed, is_distributed
+from utils.distributed import barrier, cleanup, is_distributed
 from utils.ema import requires_grad, update_ema
-from utils.logging import MetricWriter, create_logger
-from utils.training import (MetricAverager, Throughput, append_jsonl, autocast_context, experiment_dir,
-                            grad_scaler, latest_checkpoint, progress_line, restore_rng_state, resume_entry,
-                            seed_everything)
+from utils.logging import MetricWriter
+from utils.training import (MetricAverager, Throughput, autocast_context, epoch_loader, fail, find_resume,
+                            grad_scaler, report, restore_position, resume_entry, seed_everything, start_run)
 
 
 def get_parser(num_factors: int) -> argparse.ArgumentParser:
@@ -115,24 +112,9 @@ def full_state(model: FAR, optimizer, fsdp: bool):
 
 def main(argv=None, num_factors: int = 2) -> Optional[Path]:
     args = get_parser(num_factors).parse_args(argv)
-    info = init_distributed(args.device)
+    run = start_run(args, args.gpt_model)
+    info, logger, micro_batch, accum = run.info, run.logger, run.micro_batch, run.accum
     device, world = info.device, info.world_size
-    fail = lambda msg: sys.exit(f"error: {msg}")  # noqa: E731
-    accum = max(1, args.gradient_accumulation_steps)
-    if args.global_batch_size % (world * accum):
-        fail(f"--global-batch-size {args.global_batch_size} is not divisible by {world} processes x "
-             f"{accum} accumulation steps")
-    micro_batch = args.global_batch_size // (world * accum)
-    seed_everything(args.global_seed)  # the same initial weights on every rank (FSDP does not broadcast them)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    exp_dir = experiment_dir(args.results_dir, args.gpt_model, args.exp_name)
-    ckpt_dir = exp_dir / "checkpoints"
-    logger = create_logger(exp_dir if info.is_main else None, info.is_main)
-    logger.info(f"Experiment directory: {exp_dir}")
-    logger.info(f"{args}")
 
     try:
         dataset = CodeDataset(args.code_path, seed=args.global_seed, expect_factors=num_factors,
@@ -172,10 +154,7 @@ def main(argv=None, num_factors: int = 2) -> Optional[Path]:
                 f"classes ({args.code_path}); {steps_per_epoch} steps per epoch, {total_steps} steps in all")
 
     # ---- resume
-    resume_path = args.gpt_ckpt
-    if resume_path is None and args.auto_resume:
-        latest = latest_checkpoint(ckpt_dir)
-        resume_path = str(latest) if latest else None
+    resume_path = find_resume(args.gpt_ckpt, args.auto_resume, run.ckpt_dir)
     train_steps, start_epoch, start_batch, opt_state = 0, 0, 0, None
     if resume_path:
         try:
@@ -187,16 +166,7 @@ def main(argv=None, num_factors: int = 2) -> Optional[Path]:
         except CheckpointError as e:
             fail(e)
         opt_state = ckpt.get("optimizer")
-        train_steps = int(ckpt.get("steps", 0))
-        state = ckpt.get("resume", {})
-        if "epoch" in state:
-            start_epoch, start_batch = state["epoch"], state["batch_in_epoch"]
-            scaler.load_state_dict(state["scaler"])
-            if not restore_rng_state(state.get("rng")):
-                logger.warning("world size changed since the checkpoint: RNG streams start afresh")
-        else:  # an original checkpoint: rewind to the start of its epoch, as the original does
-            start_epoch = train_steps // steps_per_epoch
-            train_steps = start_epoch * steps_per_epoch
+        train_steps, start_epoch, start_batch, _ = restore_position(ckpt, steps_per_epoch, {"scaler": scaler}, logger)
         logger.info(f"Resumed from {resume_path}: step {train_steps}, epoch {start_epoch}, batch {start_batch}")
         del ckpt
     elif ema is not None:
@@ -224,7 +194,7 @@ def main(argv=None, num_factors: int = 2) -> Optional[Path]:
         run_model = DDP(run_model, device_ids=[device.index] if device.type == "cuda" else None)
     model.train()
     autocast = autocast_context(device, args.mixed_precision)
-    writer = MetricWriter(exp_dir / "tensorboard", info.is_main, args.wandb, "fqgan-far", args.exp_name, args, logger)
+    writer = MetricWriter(run.exp_dir / "tensorboard", info.is_main, args.wandb, "fqgan-far", args.exp_name, args, logger)
     throughput, averager = Throughput(device), MetricAverager()
     saved_step, last_saved = -1, None
 
@@ -237,7 +207,7 @@ def main(argv=None, num_factors: int = 2) -> Optional[Path]:
             ckpt = far_checkpoint(model, ema, optimizer=opt_state, steps=train_steps, args=args,
                                   config=dataclasses.asdict(config), resume=resume)
             ckpt["model"] = weights
-            last_saved = atomic_save(ckpt, ckpt_dir / f"{train_steps:07d}.pt")
+            last_saved = atomic_save(ckpt, run.ckpt_dir / f"{train_steps:07d}.pt")
             logger.info(f"Saved checkpoint to {last_saved}")
         barrier()
 
@@ -248,10 +218,8 @@ def main(argv=None, num_factors: int = 2) -> Optional[Path]:
             break
         sampler.set_epoch(epoch, start_batch if epoch == start_epoch else 0)
         dataset.set_epoch(epoch)
-        loader = DataLoader(dataset, batch_size=micro_batch * accum, sampler=sampler, drop_last=True,
-                            num_workers=args.num_workers, collate_fn=collate_codes,
-                            pin_memory=device.type == "cuda",
-                            generator=torch.Generator().manual_seed(args.global_seed))  # not the global RNG
+        loader = epoch_loader(dataset, sampler, micro_batch * accum, args.num_workers, collate_codes, device,
+                              args.global_seed)
         batch_in_epoch = start_batch if epoch == start_epoch else 0
         for codes, labels in loader:
             if train_steps >= total_steps:
@@ -288,14 +256,10 @@ def main(argv=None, num_factors: int = 2) -> Optional[Path]:
             if train_steps % args.log_every == 0 or train_steps == total_steps:
                 avg = averager.reduce()
                 avg["lr"] = optimizer.param_groups[0]["lr"]
-                speed = throughput.report(total_steps - train_steps)
-                writer.scalars({f"train/{k}": v for k, v in avg.items()}, train_steps)
-                writer.scalars({f"speed/{k}": speed[k] for k in ("steps_per_s", "images_per_s")}, train_steps)
                 parts = [f"loss={avg['loss']:.4f}"] + [f"{n}={avg[f'loss_{n}']:.4f}" for n in config.factor_names] \
                     + [f"grad={avg['grad_norm']:.3f}"]
-                logger.info(progress_line(train_steps, total_steps, epoch, parts, speed))
-                if info.is_main:
-                    append_jsonl(exp_dir / "metrics.jsonl", {"step": train_steps, **avg})
+                report(run, writer, train_steps, total_steps, epoch, avg, throughput.report(total_steps - train_steps),
+                       parts)
             if train_steps % args.ckpt_every == 0:
                 save(epoch, batch_in_epoch)
         start_batch = 0

@@ -16,7 +16,7 @@ defaults: ``codebook_weight`` is applied (the original accepts the flag but neve
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
