@@ -28,7 +28,7 @@ from utils.data import ImageFolderSafe, eval_transform  # noqa: E402
 from utils.images import save_grid  # noqa: E402
 from utils.training import seed_everything  # noqa: E402
 
-CLASSES = ["cat", "coffee", "rocket", "hubble"]  # photographs of clearly different colours
+CLASSES = ["cat", "coffee", "hubble", "rocket"]  # clearly different colours; sorted, as ImageFolder labels them
 IMAGE = 64
 # A small VQ-8-like tokenizer: 64x64 images -> 8x8 codes per factor, 512-entry codebooks.
 TOKENIZER_ARCH = ["--image-size", str(IMAGE), "--ch", "32", "--ch-mult", "1,2,2,2", "--num-res-blocks", "1",

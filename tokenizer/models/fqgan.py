@@ -186,7 +186,7 @@ class FactorizedTokenizer(nn.Module):
         return [branch(h) for branch in self.factors]
 
     @torch.no_grad()
-    def encode_indices(self, x: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    def encode_indices(self, x: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> code indices (B, F, H/ds, W/ds), factor order visual first.
         Runs ``batch_size`` images at a time so memory stays bounded whatever B is."""
         return torch.cat([torch.stack([q.indices for q in self.quantize(part)], dim=1)
@@ -208,7 +208,7 @@ class FactorizedTokenizer(nn.Module):
         return self.decoder(self.post_quant_conv(codes))
 
     def decode_indices(self, indices: torch.Tensor, keep: Optional[Sequence[int]] = None,
-                       batch_size: int = 16) -> torch.Tensor:
+                       batch_size: int = 8) -> torch.Tensor:
         """Indices (B, F, h, w) -> images (B, 3, H, W), ``batch_size`` at a time. ``keep`` lists the factors to
         decode; the others get zero codes, which shows what each factor carries on its own. Swap a factor
         between images by editing ``indices[:, f]`` (see ``swap_factor``)."""
