@@ -31,7 +31,8 @@ from utils.training import seed_everything  # noqa: E402
 CLASSES = ["cat", "coffee", "hubble", "rocket"]  # clearly different colours; sorted, as ImageFolder labels them
 IMAGE = 64
 # A small VQ-8-like tokenizer: 64x64 images -> 8x8 codes per factor, 512-entry codebooks.
-TOKENIZER_ARCH = ["--image-size", str(IMAGE), "--ch", "32", "--ch-mult", "1,2,2,2", "--num-res-blocks", "1",
+TOKENIZER_ARCH = ["--image-size", str(IMAGE), "--vq-model", "VQ-8", "--ch", "32", "--ch-mult", "1,2,2,2",
+                  "--num-res-blocks", "1",
                   "--z-channels", "64", "--adapter-layers", "2", "--codebook-size", "512",
                   "--codebook-embed-dim", "8"]
 
@@ -119,8 +120,8 @@ def main(argv=None) -> dict:
              "--image-size", str(IMAGE), "--num-workers", "0"], num_factors=2)
     far_ckpt = train_far(["--code-path", str(codes), "--gpt-model", "FAR-T", "--vocab-size", "512",
                           "--image-size", str(IMAGE), "--downsample-size", "8", "--num-classes", str(len(CLASSES)),
-                          "--global-batch-size", str(min(24, args.per_class * len(CLASSES))), "--lr", "1e-3", "--epochs", "100000", "--max-steps",
-                          str(args.far_steps), "--log-every", str(max(1, args.far_steps // 8)), "--ckpt-every",
+                          "--global-batch-size", str(min(24, args.per_class * len(CLASSES))), "--lr", "1e-3",
+                          "--epochs", "100000", "--max-steps", str(args.far_steps), "--log-every", str(max(1, args.far_steps // 8)), "--ckpt-every",
                           str(args.far_steps), "--results-dir", str(out / "far"), "--exp-name", "demo",
                           "--num-workers", "0"], num_factors=2)
     per_class = 8

@@ -194,7 +194,8 @@ def main(argv=None, num_factors: int = 2) -> Optional[Path]:
         run_model = DDP(run_model, device_ids=[device.index] if device.type == "cuda" else None)
     model.train()
     autocast = autocast_context(device, args.mixed_precision)
-    writer = MetricWriter(run.exp_dir / "tensorboard", info.is_main, args.wandb, "fqgan-far", args.exp_name, args, logger)
+    writer = MetricWriter(run.exp_dir / "tensorboard", info.is_main, args.wandb, "fqgan-far", args.exp_name, args,
+                          logger)
     throughput, averager = Throughput(device), MetricAverager()
     saved_step, last_saved = -1, None
 

@@ -157,8 +157,9 @@ def load_tokenizer(path: str | os.PathLike, map_location: str | torch.device = "
     sd, _ = extract_weights(ckpt, path, prefer)
     cfg = infer_config(sd, path, **overrides)
     if expect_factors is not None and cfg.num_factors != expect_factors:
+        entry = {2: "dual", 3: "triple"}.get(cfg.num_factors, "matching")
         raise CheckpointError(f"{path}: holds {describe(cfg)}, but {expect_factors} factors were expected "
-                              f"(use the {'dual' if cfg.num_factors == 2 else 'triple' if cfg.num_factors == 3 else 'matching'} entry point)")
+                              f"(use the {entry} entry point)")
     model = FactorizedTokenizer(cfg)
     load_released_state_dict(model, sd, path)
     return model.eval()
