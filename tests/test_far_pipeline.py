@@ -115,3 +115,17 @@ def test_inputs_that_do_not_fit(setup):
     msg = _fails("autoregressive/sample/sample_c2i_ddp_dual_code.py", "--vq-ckpt", root / "dual.pt",
                  "--gpt-ckpt", root / "dual.pt", "--image-size", "32", "--downsample-size", "4", cwd=root)
     assert "not FAR weights" in msg
+
+
+def test_extraction_skips_unreadable_images(setup, tmp_path):
+    data = build_photo_folder(tmp_path / "data", per_class=2, size=40, classes=["cat", "rocket"])
+    (data / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    r = subprocess.run([sys.executable, str(ROOT / "autoregressive/train/extract_codes_c2i_dual_code.py"),
+                        "--vq-ckpt", str(setup / "dual.pt"), "--data-path", str(data), "--code-path",
+                        str(tmp_path / "codes"), "--image-size", "32", "--ten-crop", "--num-workers", "0"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Skipped 1 unreadable images" in r.stdout
+    ds = CodeDataset(tmp_path / "codes")
+    assert ds.info.extra["skipped"] == 1 and len(ds) == 4  # the broken file is left out
+    assert (ds.__getitems__(list(range(4)))[1] >= 0).all()

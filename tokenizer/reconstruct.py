@@ -135,7 +135,7 @@ def main(argv=None, num_factors: int = 2) -> dict:
     shard = rank_shard(n, info.rank, info.world_size)
     batches = eval_batches(dataset, shard, args.per_proc_batch_size, args.num_workers)
     total = -(-len(shard) // args.per_proc_batch_size)
-    for x, _, idx in tqdm(batches, total=total, disable=not info.is_main, desc=args.folder_name):
+    for x, _, idx, _ in tqdm(batches, total=total, disable=not info.is_main, desc=args.folder_name):
         x = x.to(info.device, non_blocking=True)
         indices = model.encode_indices(x, batch_size=len(x))
         recon = model.decode_indices(indices, batch_size=len(x))

@@ -53,7 +53,7 @@ def main(argv=None) -> Path:
     batches = eval_batches(dataset, rank_shard(n, info.rank, info.world_size), args.per_proc_batch_size,
                            args.num_workers)
     total = -(-len(rank_shard(n, info.rank, info.world_size)) // args.per_proc_batch_size)
-    for x, _, idx in tqdm(batches, total=total, disable=not info.is_main, desc="reference batch"):
+    for x, _, idx, _ in tqdm(batches, total=total, disable=not info.is_main, desc="reference batch"):
         writer.write("arr_0", idx.numpy(), to_uint8(x).numpy())
     writer.close()
     if info.is_main:

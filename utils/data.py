@@ -124,7 +124,9 @@ class ImageFolderSafe(Dataset):
                 continue
         if self.fallback:
             raise RuntimeError(f"{self.max_fallbacks} unreadable images in a row from {self.samples[index][0]}")
-        return torch.zeros(3, self.image_size, self.image_size), self.samples[index][1], index, 1
+        # A black stand-in, through the same transform so it stacks with the batch (views included).
+        blank = Image.new("RGB", (self.image_size, self.image_size))
+        return self.transform(blank, random.Random(0)), self.samples[index][1], index, 1
 
 
 def collate_train(batch):
@@ -159,18 +161,20 @@ def collate_eval(batch):
             torch.tensor([b[2] for b in batch]), torch.tensor([b[3] for b in batch], dtype=torch.bool))
 
 
-def eval_batches(dataset: "ImageFolderSafe", indices: np.ndarray, batch_size: int, num_workers: int):
-    """Batches (images, labels, dataset indices) over ``indices`` in order. An unreadable file stops the run
-    with a one-line error: evaluation must cover every image of the set to compare with a reference batch."""
+def eval_batches(dataset: "ImageFolderSafe", indices: np.ndarray, batch_size: int, num_workers: int,
+                 allow_bad: bool = False):
+    """Batches (images, labels, dataset indices, unreadable flags) over ``indices`` in order. Without
+    ``allow_bad`` an unreadable file stops the run with a one-line error: evaluation must cover every image of
+    the set to compare with a reference batch. With it, such items come as black images flagged in ``bad``."""
     from torch.utils.data import DataLoader, Subset
 
     loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, collate_fn=collate_eval, pin_memory=torch.cuda.is_available())
     for x, y, idx, bad in loader:
-        if bad.any():
+        if bad.any() and not allow_bad:
             path = dataset.samples[int(idx[bad][0])][0]
             raise SystemExit(f"error: cannot read image {path} (evaluation needs every image)")
-        yield x, y, idx
+        yield x, y, idx, bad
 
 
 class ResumableSampler(torch.utils.data.Sampler):

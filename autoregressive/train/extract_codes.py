@@ -19,7 +19,7 @@ from autoregressive.data.code_store import CodeStoreWriter
 from tokenizer.models import describe, load_tokenizer
 from tokenizer.reconstruct import check_flags
 from utils.checkpoint import CheckpointError
-from utils.data import ImageFolderSafe, center_crop_arr, collate_eval, rank_shard, to_model_range
+from utils.data import ImageFolderSafe, center_crop_arr, eval_batches, rank_shard, to_model_range
 from utils.distributed import all_reduce_sum, cleanup, init_distributed
 
 
@@ -79,10 +79,10 @@ def main(argv=None, num_factors: int = 2) -> None:
     grid = (args.image_size // model.config.downsample,) * 2
     writer = CodeStoreWriter(args.code_path, len(shard), num_views, model.factor_names, grid,
                              model.config.codebook_size)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard.tolist()), batch_size=args.batch_size,
-                                         num_workers=args.num_workers, collate_fn=collate_eval)
+    batches = eval_batches(dataset, shard, args.batch_size, args.num_workers, allow_bad=True)
     skipped = torch.zeros(1, dtype=torch.long)
-    for x, y, _, bad in tqdm(loader, disable=not info.is_main, desc="codes"):
+    for x, y, _, bad in tqdm(batches, total=-(-len(shard) // args.batch_size), disable=not info.is_main,
+                             desc="codes"):
         b = len(x)
         skipped += int(bad.sum())
         y = torch.where(bad, torch.full_like(y, -1), y)
