@@ -16,14 +16,6 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return torch.clamp(127.5 * x + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8)
 
 
-def from_uint8(arr: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 (B, H, W, 3) or (H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
-    t = torch.as_tensor(np.asarray(arr))
-    if t.dim() == 3:
-        t = t[None]
-    return t.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
 def make_grid(images: torch.Tensor | Sequence[torch.Tensor], nrow: int = 8, padding: int = 2) -> np.ndarray:
     """Images (N, 3, H, W) in [-1, 1] -> one uint8 (H', W', 3) grid, ``nrow`` images per row."""
     from torchvision.utils import make_grid as tv_grid
