@@ -156,7 +156,7 @@ def main(argv=None, preset: str = "dual") -> Optional[Path]:
 
     # ---- what to resume from (read before building, so the model matches the file)
     resume_path = find_resume(args.vq_ckpt, args.auto_resume, run.ckpt_dir)
-    ckpt, base_size = None, args.image_size
+    ckpt, weights, base_size = None, None, args.image_size
     if resume_path:
         try:
             ckpt = load_file(resume_path)
@@ -229,7 +229,6 @@ def main(argv=None, preset: str = "dual") -> Optional[Path]:
     train_steps, start_epoch, start_batch, bad_images = 0, 0, 0, 0
     if ckpt is not None:
         try:
-            weights, _ = extract_weights(ckpt, resume_path, prefer=("model", "state_dict", "ema"))
             load_released_state_dict(model, weights, resume_path, allow_missing_heads=args.finetune)
             if ema is not None:
                 ema_w = ckpt.get("ema") or weights
@@ -247,7 +246,7 @@ def main(argv=None, preset: str = "dual") -> Optional[Path]:
             bad_images = state.get("bad_images", 0)
         logger.info(f"Resumed from {resume_path}: step {train_steps}, epoch {start_epoch}, batch {start_batch}"
                     + (" (finetune: step counter reset)" if args.finetune else ""))
-        del ckpt
+        del ckpt, weights
     elif ema is not None:
         update_ema(ema, model, decay=0)
 
