@@ -47,6 +47,14 @@ def _peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
 
 
+def autocast_for(device: torch.device, choice: str):
+    """(autocast context factory, dtype name) for --dtype auto / fp32 / bf16 (auto: bf16 on GPU, fp32 on CPU)."""
+    bf16 = choice == "bf16" or (choice == "auto" and device.type == "cuda")
+    if not bf16:
+        return nullcontext, "fp32"
+    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), "bf16"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="dual", choices=["dual", "triple"])
@@ -63,8 +71,7 @@ def main() -> None:
     args = p.parse_args()
 
     device = torch.device(args.device)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "fp32": None, "bf16": torch.bfloat16}[args.dtype]
-    amp = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+    amp, dtype_name = autocast_for(device, args.dtype)
     batch = args.batch_size or (32 if device.type == "cuda" else 2)
     torch.manual_seed(0)
     model = FactorizedTokenizer(args.preset, vq_model=args.vq_model, entropy_loss_ratio=0.03,
@@ -103,7 +110,7 @@ def main() -> None:
         "benchmark": "tokenizer", "preset": args.preset, "vq_model": args.vq_model,
         "image_size": args.image_size, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(), "dtype": "bf16" if dtype else "fp32", "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "dtype": dtype_name, "torch": torch.__version__,
         "encode_batch": batch, "encode_images_per_s": round(batch / enc_s, 3),
         "decode_images_per_s": round(batch / dec_s, 3),
         "train_batch": args.train_batch_size, "train_fwd_bwd_s": round(train_s, 4),

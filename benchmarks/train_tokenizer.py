@@ -14,14 +14,13 @@ import argparse
 import json
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.tokenizer import _peak_memory_gb, _sync  # noqa: E402
+from benchmarks.tokenizer import _peak_memory_gb, _sync, autocast_for  # noqa: E402
 from tokenizer.losses import LPIPS, FQGANLoss, LossConfig, MissingWeightsError  # noqa: E402
 from tokenizer.models import FactorizedTokenizer, tokenizer_config  # noqa: E402
 from utils.training import frozen  # noqa: E402
@@ -40,8 +39,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "fp32": None, "bf16": torch.bfloat16}[args.dtype]
-    amp = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+    amp, dtype_name = autocast_for(device, args.dtype)
     torch.manual_seed(0)
     cfg = tokenizer_config(args.preset, args.vq_model, entropy_loss_ratio=0.03, disentanglement_ratio=0.1,
                            with_feature_heads=args.teachers)
@@ -87,7 +85,7 @@ def main(argv=None) -> dict:
     result = {"benchmark": "train_tokenizer", "preset": args.preset, "vq_model": args.vq_model,
               "batch_size": args.batch_size, "image_size": args.image_size,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "threads": torch.get_num_threads(), "dtype": "bf16" if dtype else "fp32", "lpips_vgg": vgg,
+              "threads": torch.get_num_threads(), "dtype": dtype_name, "lpips_vgg": vgg,
               "teachers": bool(args.teachers), "seconds_per_step": round(sec, 4), "steps_per_s": round(1 / sec, 4),
               "images_per_s": round(args.batch_size / sec, 3), "peak_memory_gb": round(_peak_memory_gb(device), 3),
               "torch": torch.__version__}
