@@ -19,8 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from autoregressive.models.far import FAR, FAR_models, PRESETS, far_config  # noqa: E402
+from autoregressive.models.far import FAR, FAR_models, far_config  # noqa: E402
 from autoregressive.models.generate import generate  # noqa: E402
+from utils.factors import factor_count  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -50,7 +51,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    factors = PRESETS.get(args.factors) or int(args.factors)
+    factors = factor_count(args.factors)
     cfg = far_config(args.gpt_model, factors)
     if not 1 <= args.num_positions <= cfg.block_size:
         p.error(f"--num-positions must be in [1, {cfg.block_size}]")

@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.tokenizer import _peak_memory_gb, _sync, autocast_for  # noqa: E402
-from tokenizer.losses import LPIPS, FQGANLoss, LossConfig, MissingWeightsError  # noqa: E402
+from tokenizer.losses import LPIPS, FQGANLoss, LossConfig, MissingWeightsError, build_discriminator  # noqa: E402
 from tokenizer.models import FactorizedTokenizer, tokenizer_config  # noqa: E402
-from utils.training import frozen  # noqa: E402
+from utils.steps import frozen  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -54,21 +54,22 @@ def main(argv=None) -> dict:
         from tokenizer.teachers import load_teachers
         teachers = load_teachers(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
-    opt_d = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    disc = build_discriminator().to(device).train()
+    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-4, betas=(0.9, 0.95))
     x = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1
 
     def step():
         with amp():
             out = model(x)
             cls = teachers(x) if teachers is not None else None
-            with frozen(loss_fn.discriminator):
-                gl = loss_fn.generator_step(x, out, step=1, teacher_cls=cls)
+            with frozen(disc):
+                gl = loss_fn.generator_step(x, out, step=1, teacher_cls=cls, discriminator=disc)
         gl.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         with amp():
-            dl = loss_fn.discriminator_step(x, out.recon.detach(), step=1)
+            dl = loss_fn.discriminator_step(disc, x, out.recon.detach(), step=1)
         dl.loss.backward()
         opt_d.step()
         opt_d.zero_grad(set_to_none=True)

@@ -26,7 +26,7 @@ from demo.photos import build_photo_folder  # noqa: E402
 from tokenizer.models import FactorizedTokenizer, load_tokenizer, swap_factor  # noqa: E402
 from utils.data import ImageFolderSafe, eval_transform  # noqa: E402
 from utils.images import save_grid  # noqa: E402
-from utils.training import seed_everything  # noqa: E402
+from utils.rng import seed_everything  # noqa: E402
 
 CLASSES = ["cat", "coffee", "hubble", "rocket"]  # clearly different colours; sorted, as ImageFolder labels them
 IMAGE = 64

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from autoregressive.models import (FAR, FARConfig, describe, far_config, generate, infer_config, load_far,
-                                   load_released_state_dict, released_state_dict, sample, save_far)
+from autoregressive.models import (FAR, FARConfig, describe_far, far_config, generate, infer_far_config, load_far,
+                                   load_far_weights, sample, save_far)
 from autoregressive.models.generate import per_factor
 from reference_weights import golden, reference_keys, reference_state_dict
 from utils.checkpoint import CheckpointError
@@ -34,7 +34,7 @@ def golden_model(request):
     name = request.param
     tok, factors = CASES[name]
     model = FAR(FARConfig(**SMALL, num_factors=factors, **NO_DROPOUT))
-    load_released_state_dict(model, reference_state_dict(name))
+    load_far_weights(model, reference_state_dict(name))
     codes = torch.from_numpy(GOLDEN[f"{tok}/indices"].astype(np.int64)).T[None]  # (1, 256, F)
     return name, model.eval(), codes
 
@@ -175,14 +175,14 @@ def test_released_layout_loads(name, size, factors):
     with torch.device("meta"):
         model = FAR(far_config(size, factors))
     layout = [(e["key"], tuple(e["shape"])) for e in reference_keys(name)]
-    assert [(k, tuple(v.shape)) for k, v in released_state_dict(model).items()] == layout
-    load_released_state_dict(model, meta_state_dict(name))
-    assert infer_config(meta_state_dict(name)) == far_config(size, factors)
+    assert [(k, tuple(v.shape)) for k, v in model.state_dict().items()] == layout
+    load_far_weights(model, meta_state_dict(name))
+    assert infer_far_config(meta_state_dict(name)) == far_config(size, factors)
 
 
 def test_small_layout_and_config_inference():
     for name, (_, factors) in CASES.items():
-        cfg = infer_config(reference_state_dict(name), n_head=SMALL["n_head"])
+        cfg = infer_far_config(reference_state_dict(name), n_head=SMALL["n_head"])
         assert cfg == FARConfig(**SMALL, num_factors=factors)
 
 
@@ -194,7 +194,7 @@ def test_mismatched_file_gives_one_clear_error():
     sd["ar_head.1.ffn_norm.weight"] = torch.empty(256, device="meta")
     sd["output_2.weight"] = torch.empty(1000, 256, device="meta")
     with pytest.raises(CheckpointError) as e:
-        load_released_state_dict(model, sd, "far_small.pt")
+        load_far_weights(model, sd, "far_small.pt")
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("far_small.pt: does not fit a dual FAR")
     assert "missing keys: ar_head.0.ffn_norm.weight" in msg
@@ -205,9 +205,9 @@ def test_mismatched_file_gives_one_clear_error():
         triple = FAR(FARConfig(**SMALL, num_factors=3))
     with pytest.raises(CheckpointError, match=r"missing keys: tok_embeddings_3.weight, output_3.weight.*"
                                               r"mis-shaped keys: aggregation_layer.weight"):
-        load_released_state_dict(triple, meta_state_dict("far_small_dual"))
+        load_far_weights(triple, meta_state_dict("far_small_dual"))
     with pytest.raises(CheckpointError, match="not FAR weights"):
-        infer_config({"encoder.conv_in.weight": torch.empty(1)})
+        infer_far_config({"encoder.conv_in.weight": torch.empty(1)})
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -227,7 +227,7 @@ def test_save_and_load_round_trip(tmp_path):
         assert torch.equal(loaded(codes, torch.tensor([1, 2])).logits[2], ema.eval()(codes, torch.tensor([1, 2])).logits[2])
     with pytest.raises(CheckpointError, match="2 factors were expected"):
         load_far(path, n_head=4, block_size=16, expect_factors=2)
-    assert "triple FAR" in describe(loaded.config)
+    assert "triple FAR" in describe_far(loaded.config)
 
 
 # ------------------------------------------------------------------------------------------------------------

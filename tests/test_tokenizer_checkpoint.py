@@ -8,9 +8,8 @@ import torch
 
 from reference_weights import reference_keys
 from tiny import tiny_tokenizer_config
-from tokenizer.models import (FactorizedTokenizer, infer_config, load_tokenizer, released_state_dict,
-                              save_tokenizer, tokenizer_config)
-from tokenizer.models.checkpoint import load_released_state_dict
+from tokenizer.models import (FactorizedTokenizer, infer_tokenizer_config, load_tokenizer, load_tokenizer_weights,
+                              released_state_dict, save_tokenizer, tokenizer_config)
 from utils.checkpoint import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +37,7 @@ def test_presets_have_the_released_layout(name, preset, vq, heads):
     assert {k: tuple(v.shape) for k, v in released_state_dict(model).items()} == ref
     # ... and the config can be recovered from the released keys alone
     meta_sd = {k: torch.empty(s, device="meta") for k, s in ref.items()}
-    assert infer_config(meta_sd) == tokenizer_config(preset, vq, with_feature_heads=heads)
+    assert infer_tokenizer_config(meta_sd) == tokenizer_config(preset, vq, with_feature_heads=heads)
 
 
 @pytest.mark.parametrize("entry", ["ema", "model", "state_dict", ""])
@@ -74,8 +73,8 @@ def test_file_without_feature_heads_loads(tmp_path):
     # into a model that has heads: allowed only when asked for
     with_heads = FactorizedTokenizer(model.config)
     with pytest.raises(CheckpointError, match="missing keys: feat_pred_head"):
-        load_released_state_dict(with_heads, sd, "noheads.pt")
-    load_released_state_dict(with_heads, sd, "noheads.pt", allow_missing_heads=True)
+        load_tokenizer_weights(with_heads, sd, "noheads.pt")
+    load_tokenizer_weights(with_heads, sd, "noheads.pt", allow_missing_heads=True)
 
 
 def test_save_is_atomic_and_readable_by_plain_torch_load(tmp_path):
@@ -95,7 +94,7 @@ def test_mismatch_error_names_missing_unexpected_and_misshaped_keys(tmp_path):
     sd["encoder.extra.weight"] = torch.zeros(1)
     sd["quant_conv_sem.bias"] = torch.zeros(5)
     with pytest.raises(CheckpointError) as e:
-        load_released_state_dict(FactorizedTokenizer(model.config), sd, "bad.pt")
+        load_tokenizer_weights(FactorizedTokenizer(model.config), sd, "bad.pt")
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("bad.pt: does not fit a dual")
     assert "missing keys: decoder.conv_out.bias" in msg

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from reference_weights import golden, reference_keys, reference_state_dict
-from tokenizer.models import FactorizedTokenizer, infer_config, load_released_state_dict, released_state_dict
+from tokenizer.models import FactorizedTokenizer, infer_tokenizer_config, load_tokenizer_weights, released_state_dict
 
 CASES = {  # golden name -> (disentanglement ratio, number of feature heads)
     "dual_vq16": (0.1, 1),
@@ -28,9 +28,9 @@ def case(request, gold):
     name = request.param
     ratio, _ = CASES[name]
     sd = reference_state_dict(f"tokenizer_{name}")
-    cfg = infer_config(sd, entropy_loss_ratio=0.03, disentanglement_ratio=ratio)
+    cfg = infer_tokenizer_config(sd, entropy_loss_ratio=0.03, disentanglement_ratio=ratio)
     model = FactorizedTokenizer(cfg)
-    load_released_state_dict(model, sd)
+    load_tokenizer_weights(model, sd)
     x = torch.from_numpy(gold["input_256"]).permute(2, 0, 1)[None].float() / 127.5 - 1
     with torch.no_grad():
         model.train()
@@ -61,7 +61,7 @@ def test_reconstruction_from_golden_indices(case, gold):
 def test_factor_losses_and_usage(case, gold):
     name, _, out, _, _ = case
     ref = gold[f"{name}/factor_losses"]
-    got = np.array([[f.codebook_loss.item(), f.commit_loss.item(), f.entropy_loss.item(), f.usage]
+    got = np.array([[f.codebook_loss.item(), f.commit_loss.item(), f.entropy_loss.item(), float(f.usage)]
                     for f in out.factors])
     assert got.shape == ref.shape
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=0)
@@ -90,6 +90,6 @@ def test_released_layout_round_trip(case):
     ref = {e["key"]: tuple(e["shape"]) for e in reference_keys(f"tokenizer_{name}")}
     assert {k: tuple(v.shape) for k, v in sd.items()} == ref
     clone = FactorizedTokenizer(model.config)
-    load_released_state_dict(clone, sd)
+    load_tokenizer_weights(clone, sd)
     for (k, a), b in zip(model.state_dict().items(), clone.state_dict().values()):
         assert torch.equal(a, b), k

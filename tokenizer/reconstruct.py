@@ -30,16 +30,17 @@ import torch.nn.functional as F
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from tqdm import tqdm
 
-from tokenizer.models import FactorizedTokenizer, describe, load_tokenizer
+from tokenizer.models import check_tokenizer_flags, describe_tokenizer, load_tokenizer
 from utils.checkpoint import CheckpointError
 from utils.data import ImageFolderSafe, eval_batches, eval_transform, rank_shard
 from utils.distributed import all_reduce_sum, cleanup, init_distributed
+from utils.factors import preset_name
 from utils.images import to_uint8
 from utils.npz import ShardedNpzWriter
 
 
 def get_parser(num_factors: int) -> argparse.ArgumentParser:
-    name = {2: "dual", 3: "triple"}.get(num_factors, f"{num_factors}-factor")
+    name = preset_name(num_factors)
     p = argparse.ArgumentParser(description=f"Reconstruction evaluation of an FQGAN-{name} tokenizer.")
     p.add_argument("--data-path", type=str, required=True)
     p.add_argument("--dataset", type=str, default="imagenet", help="imagenet (class folders) or coco (flat)")
@@ -65,19 +66,6 @@ def get_parser(num_factors: int) -> argparse.ArgumentParser:
     p.add_argument("--disentanglement-ratio", type=float, default=0.1, help=argparse.SUPPRESS)
     p.add_argument("--semantic-weight", type=float, default=0.5, help=argparse.SUPPRESS)
     return p
-
-
-def check_flags(args, model: FactorizedTokenizer) -> None:
-    """Flags that describe the model must agree with the checkpoint (which is what gets built)."""
-    cfg = model.config
-    have = {"--vq-model": f"VQ-{cfg.downsample}", "--codebook-size": cfg.codebook_size,
-            "--codebook-embed-dim": cfg.codebook_embed_dim}
-    given = {"--vq-model": args.vq_model, "--codebook-size": args.codebook_size,
-             "--codebook-embed-dim": args.codebook_embed_dim}
-    for flag, value in given.items():
-        if value is not None and value != have[flag]:
-            raise CheckpointError(f"{flag} {value} does not match {args.vq_ckpt}, which holds {describe(cfg)} "
-                                  f"with {flag} {have[flag]}")
 
 
 def image_metrics(recon_u8: np.ndarray, target01: np.ndarray) -> tuple[list[float], list[float], list[float]]:
@@ -113,13 +101,13 @@ def main(argv=None, num_factors: int = 2) -> dict:
     log = print if info.is_main else (lambda *a, **k: None)
     try:
         model = load_tokenizer(args.vq_ckpt, expect_factors=num_factors)
-        check_flags(args, model)
+        check_tokenizer_flags(args, model)
         dataset = ImageFolderSafe(args.data_path, eval_transform(args.image_size), args.image_size)
     except (CheckpointError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     model = model.to(info.device)
     cfg = model.config
-    log(f"Loaded {describe(cfg)} from {args.vq_ckpt}")
+    log(f"Loaded {describe_tokenizer(cfg)} from {args.vq_ckpt}")
     lpips = _lpips_or_none(args.vgg_path, info.device, log)
 
     n = min(len(dataset), args.num_images) if args.num_images else len(dataset)
@@ -163,7 +151,7 @@ def main(argv=None, num_factors: int = 2) -> dict:
     results = {"num_images": int(count), "psnr": sums[0].item() / count, "ssim": sums[1].item() / count,
                "ssim_true_range": sums[2].item() / count,
                "lpips": sums[3].item() / count if lpips is not None else None,
-               "factors": [], "vq_ckpt": str(args.vq_ckpt), "model": describe(cfg),
+               "factors": [], "vq_ckpt": str(args.vq_ckpt), "model": describe_tokenizer(cfg),
                "image_size": args.image_size, "image_size_eval": size, "npz": str(out)}
     for f, name in enumerate(model.factor_names):
         p = hist[f] / hist[f].sum()

@@ -25,7 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer.models.fqgan import PRESETS, FactorConfig, TokenizerConfig
+from tokenizer.models.fqgan import FactorConfig, TokenizerConfig, preset_factors
+from utils.factors import PRESET_FACTORS
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -285,7 +286,7 @@ def add_teacher_arguments(parser: argparse.ArgumentParser,
     """Add ``--teacher-<factor>`` (dest ``teacher_<factor>``) for every head factor of ``factors`` (default: of
     all presets: --teacher-sem, --teacher-sem-mid, --teacher-sem-high)."""
     if factors is None:
-        factors = [f for preset in PRESETS.values() for f in preset]
+        factors = [f for preset in PRESET_FACTORS for f in preset_factors(preset)]
     seen = set()
     for f in factors:
         if not f.head_width or f.name in seen:

@@ -1,39 +1,48 @@
 """The tokenizer training loop: one implementation behind ``vq_train_dual.py`` and ``vq_train_triple.py``.
 
-Runs under ``torchrun`` (DDP; NCCL on GPUs, gloo on CPUs) or as a plain ``python`` process. Each step is the
-original's pair of updates: the tokenizer (reconstruction, LPIPS, quantizer, disentanglement, semantic and,
-after ``--disc-start``, adversarial losses), then the discriminator. Checkpoints are written atomically in the
-released layout and carry what an exact resume needs: ``--vq-ckpt`` (or ``--auto-resume``) continues at the
-saved step, mid-epoch, with the same data order, augmentations and RNG state, so on CPU a resumed run's losses
-equal an uninterrupted run's.
+Runs under ``torchrun`` (DDP; NCCL on GPUs, gloo on CPUs) or as a plain ``python`` process. ``build`` turns
+the flags into everything a run trains with (a ``Trainer``); ``main`` then runs a plain loop of
+``train_step``: each step is the original's pair of updates, the tokenizer (reconstruction, LPIPS, quantizer,
+disentanglement, semantic and, after ``--disc-start``, adversarial losses), then the discriminator.
+
+Checkpoints are written atomically in the released layout and carry what an exact resume needs:
+``--vq-ckpt`` (or ``--auto-resume``) continues at the saved step, mid-epoch, with the same data order,
+augmentations and RNG state, so on CPU a resumed run's losses equal an uninterrupted run's. SIGTERM or
+SIGUSR1 (preemption) stops every rank after its current step with such a checkpoint. A step whose loss or
+gradient is not finite is skipped and counted; ``--max-nonfinite-steps`` in a row stop the run.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
-from contextlib import nullcontext
 from copy import deepcopy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tokenizer.losses import FQGANLoss, LossConfig, MissingWeightsError
-from tokenizer.models import (FactorizedTokenizer, describe, infer_config, load_released_state_dict,
-                              tokenizer_checkpoint, tokenizer_config)
-from tokenizer.models.fqgan import PRESETS
-from tokenizer.teachers import (TeacherUnavailableError, add_teacher_arguments, load_teachers,
+from tokenizer.losses import FQGANLoss, LossConfig, build_discriminator
+from tokenizer.models import (FactorizedTokenizer, TokenizerConfig, describe_tokenizer, infer_tokenizer_config,
+                              load_tokenizer_weights, preset_factors, tokenizer_checkpoint, tokenizer_config)
+from tokenizer.teachers import (TeacherUnavailableError, Teachers, add_teacher_arguments, load_teachers,
                                 teacher_overrides_from_args)
-from utils.checkpoint import CheckpointError, atomic_save, extract_weights, load_file
-from utils.data import ImageFolderSafe, ResumableSampler, collate_train, train_transform
-from utils.distributed import barrier, cleanup, is_distributed
+from utils.checkpoint import extract_weights, load_file
+from utils.data import ImageFolderSafe, ResumableSampler, collate_train, epoch_loader, train_transform
+from utils.distributed import cleanup, is_distributed
 from utils.ema import requires_grad, update_ema
 from utils.images import save_grid
 from utils.logging import MetricWriter
-from utils.training import (MetricAverager, Throughput, autocast_context, epoch_loader, fail, find_resume, frozen,
-                            grad_scaler, report, restore_position, resume_entry, seed_everything, start_run)
+from utils.progress import MetricAverager, Throughput, report
+from utils.rng import seed_everything
+from utils.run import (Position, Run, StopSignal, epoch_batches, fail, find_resume, restore_position,
+                       resume_command, save_checkpoint, start_run)
+from utils.steps import (NonFiniteGuard, accumulation, autocast_context, frozen, fused_kwargs, grad_scaler,
+                         optimizer_step)
+
+BAD_INPUT = (ValueError, FileNotFoundError, TeacherUnavailableError)  # one-line errors, raised by build()
 
 
 def get_parser(preset: str) -> argparse.ArgumentParser:
@@ -90,7 +99,7 @@ def get_parser(preset: str) -> argparse.ArgumentParser:
     p.add_argument("--semantic-weight", type=float, default=0.5)
     p.add_argument("--disentanglement-ratio", type=float, default=0.1)
     # this project's additions
-    add_teacher_arguments(p, PRESETS[preset])
+    add_teacher_arguments(p, preset_factors(preset))
     p.add_argument("--teacher-image-size", type=int, default=224, help="input size of the semantic teachers")
     arch = p.add_argument_group("architecture (defaults: the paper's; smaller values for CPU runs and tests)")
     arch.add_argument("--ch", type=int, default=128, help="base channels of the conv encoder/decoder")
@@ -108,12 +117,14 @@ def get_parser(preset: str) -> argparse.ArgumentParser:
     p.add_argument("--auto-resume", action="store_true", help="resume from the newest checkpoint of this run")
     p.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (if installed)")
+    p.add_argument("--max-nonfinite-steps", type=int, default=100,
+                   help="stop after this many optimizer steps in a row skipped for a NaN/inf loss or gradient "
+                        "(0: never)")
     return p
 
 
-def build_config(args, preset: str, base_image_size: int, head_widths: Optional[dict[int, int]] = None):
-    """The tokenizer config the flags describe. ``head_widths`` (factor -> width) sizes each feature head
-    to its teacher's class token."""
+def build_config(args, preset: str, base_image_size: int) -> TokenizerConfig:
+    """The tokenizer config the flags describe (feature heads as wide as the preset's teachers)."""
     arch = dict(ch=args.ch, num_res_blocks=args.num_res_blocks, z_channels=args.z_channels,
                 adapter_layers=args.adapter_layers, head_layers=args.head_layers)
     if args.ch_mult:
@@ -128,13 +139,17 @@ def build_config(args, preset: str, base_image_size: int, head_widths: Optional[
         with_feature_heads=args.with_clip_supervision,
         disentanglement_ratio=args.disentanglement_ratio if args.with_disentanglement else 0.0,
         base_image_size=base_image_size, **arch)
-    if head_widths:
-        cfg = cfg.replace(factors=tuple(dataclasses.replace(f, head_width=head_widths.get(i, f.head_width))
-                                        for i, f in enumerate(cfg.factors)))
     return cfg
 
 
+def fit_heads_to_teachers(cfg: TokenizerConfig, teachers: Teachers) -> TokenizerConfig:
+    """Each feature head as wide as its teacher's class token (a teacher given with --teacher-* may differ)."""
+    return cfg.replace(factors=tuple(dataclasses.replace(f, head_width=teachers[i].width) if i in teachers.factors()
+                                     else f for i, f in enumerate(cfg.factors)))
+
+
 def loss_config(args) -> LossConfig:
+    """The loss the flags describe (the discriminator's shape included)."""
     return LossConfig(
         reconstruction_loss=args.reconstruction_loss, reconstruction_weight=args.reconstruction_weight,
         perceptual_weight=args.perceptual_weight, codebook_weight=args.codebook_weight,
@@ -144,252 +159,256 @@ def loss_config(args) -> LossConfig:
         image_size=args.image_size, vgg_path=args.vgg_path)
 
 
-class _Stop(Exception):
-    pass
+@dataclass
+class Trainer:
+    """Everything a tokenizer run trains with, as ``build`` returns it."""
+    args: argparse.Namespace
+    run: Run
+    config: TokenizerConfig
+    model: FactorizedTokenizer
+    train_model: nn.Module  # ``model`` compiled and/or DDP-wrapped: what the step calls
+    ema: Optional[FactorizedTokenizer]
+    teachers: Optional[Teachers]
+    loss_fn: FQGANLoss
+    disc: nn.Module  # the discriminator; the generator step runs it bare, with its parameters frozen
+    train_disc: nn.Module  # its DDP wrapper, run by the discriminator step, the only one that trains it
+    optimizer: torch.optim.Optimizer
+    optimizer_disc: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    scaler_disc: torch.amp.GradScaler
+    dataset: ImageFolderSafe
+    sampler: ResumableSampler
+    total_steps: int
+    start: Position
+    bad_images: int = 0
+
+    def checkpoint(self) -> dict:
+        """Models and optimizers in the released layout (steps and resume state are added when saving)."""
+        return tokenizer_checkpoint(self.model, self.ema, optimizer=self.optimizer.state_dict(),
+                                    discriminator=self.disc.state_dict(),
+                                    optimizer_disc=self.optimizer_disc.state_dict(), args=self.args,
+                                    config=dataclasses.asdict(self.config))
+
+    def save(self, pos: Position) -> Optional[Path]:
+        return save_checkpoint(self.run, pos, self.checkpoint(), bad_images=self.bad_images,
+                               scaler=self.scaler.state_dict(), scaler_disc=self.scaler_disc.state_dict())
 
 
-def main(argv=None, preset: str = "dual") -> Optional[Path]:
-    args = get_parser(preset).parse_args(argv)
+def build(args, preset: str) -> Trainer:
+    """Everything the flags describe, resumed from a checkpoint when asked. Every file from outside (checkpoint,
+    teachers, VGG16 weights, data) is checked here, before any training; problems raise one of BAD_INPUT."""
     run = start_run(args, args.vq_model)
-    info, logger, micro_batch, accum = run.info, run.logger, run.micro_batch, run.accum
-    device, world = info.device, info.world_size
+    device, world, log = run.info.device, run.info.world_size, run.logger
 
-    # ---- what to resume from (read before building, so the model matches the file)
+    # The checkpoint to resume from is read first: its learned positions fix the model's base image size.
     resume_path = find_resume(args.vq_ckpt, args.auto_resume, run.ckpt_dir)
-    ckpt, weights, base_size = None, None, args.image_size
-    if resume_path:
-        try:
-            ckpt = load_file(resume_path)
-            weights, _ = extract_weights(ckpt, resume_path, prefer=("model", "ema", "state_dict"))
-            base_size = infer_config(weights, resume_path).base_image_size
-        except CheckpointError as e:
-            fail(e)
-
-    # ---- everything that needs files from outside, checked before any training
+    ckpt = load_file(resume_path) if resume_path else None
+    weights = extract_weights(ckpt, resume_path, prefer=("model", "ema", "state_dict"))[0] if ckpt else None
+    config = build_config(args, preset, infer_tokenizer_config(weights, resume_path).base_image_size
+                          if weights else args.image_size)
     teachers = None
     if args.with_clip_supervision:
-        try:
-            probe = build_config(args, preset, base_size)
-            teachers = load_teachers(probe, teacher_overrides_from_args(args, probe), check_width=False,
-                                     image_size=args.teacher_image_size).to(device)
-        except (TeacherUnavailableError, ValueError) as e:
-            fail(e)
-    try:
-        config = build_config(args, preset, base_size,
-                              {i: teachers[i].width for i in teachers.factors()} if teachers else None)
-    except ValueError as e:
-        fail(e)
+        teachers = load_teachers(config, teacher_overrides_from_args(args, config), check_width=False,
+                                 image_size=args.teacher_image_size).to(device)
+        config = fit_heads_to_teachers(config, teachers)
     if args.image_size % config.downsample:
-        fail(f"--image-size {args.image_size} is not a multiple of the downsampling factor {config.downsample}")
+        raise ValueError(f"--image-size {args.image_size} is not a multiple of the downsampling factor "
+                         f"{config.downsample}")
     model = FactorizedTokenizer(config)
-    logger.info(f"Tokenizer: {describe(config)}; {sum(p.numel() for p in model.parameters()):,} parameters")
-    if config.disentanglement_ratio:
-        logger.info(f"Disentanglement ratio: {config.disentanglement_ratio}")
-    if teachers is not None:
-        for i in teachers.factors():
-            logger.info(f"Teacher of factor {config.factors[i].name}: {teachers[i].name} (width {teachers[i].width})")
-    else:
-        logger.info("No semantic supervision (pass --with_clip_supervision to train the feature heads)")
     try:
         loss_fn = FQGANLoss(loss_config(args), model.factor_names).to(device)
-    except MissingWeightsError as e:
-        fail(f"{e} (or pass --perceptual-weight 0 to train without LPIPS)")
-    if not args.perceptual_weight:
-        logger.info("LPIPS off (--perceptual-weight 0); with VGG16 weights available, use --perceptual-weight 1")
-    disc = loss_fn.discriminator
-    logger.info(f"Discriminator ({args.disc_type}): {sum(p.numel() for p in disc.parameters()):,} parameters")
-
-    try:
-        dataset = ImageFolderSafe(args.data_path, train_transform(args.image_size), args.image_size,
-                                  seed=args.global_seed, fallback=True)
     except FileNotFoundError as e:
-        fail(e)
-    try:
-        sampler = ResumableSampler(len(dataset), micro_batch * accum, info.rank, world, args.global_seed)
-    except ValueError as e:
-        fail(e)
-    steps_per_epoch = sampler.batches_per_epoch
-    total_steps = steps_per_epoch * args.epochs
+        raise FileNotFoundError(f"{e} (or pass --perceptual-weight 0 to train without LPIPS)") from None
+    cfg = loss_fn.config
+    disc = build_discriminator(cfg.disc_type, cfg.disc_in_channels, cfg.disc_dim, cfg.disc_num_layers,
+                               cfg.image_size)
+    dataset = ImageFolderSafe(args.data_path, train_transform(args.image_size), args.image_size,
+                              seed=args.global_seed, fallback=True)
+    sampler = ResumableSampler(len(dataset), run.micro_batch * run.accum, run.info.rank, world, args.global_seed)
+    total_steps = sampler.batches_per_epoch * args.epochs
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
-    logger.info(f"Dataset: {len(dataset):,} images in {len(dataset.classes)} classes ({args.data_path}); "
-                f"{steps_per_epoch} steps per epoch, {total_steps} steps in all")
+
+    log.info(f"Tokenizer: {describe_tokenizer(config)}; {sum(p.numel() for p in model.parameters()):,} parameters")
+    if config.disentanglement_ratio:
+        log.info(f"Disentanglement ratio: {config.disentanglement_ratio}")
+    for i in teachers.factors() if teachers is not None else []:
+        log.info(f"Teacher of factor {config.factors[i].name}: {teachers[i].name} (width {teachers[i].width})")
+    if teachers is None:
+        log.info("No semantic supervision (pass --with_clip_supervision to train the feature heads)")
+    if not args.perceptual_weight:
+        log.info("LPIPS off (--perceptual-weight 0); with VGG16 weights available, use --perceptual-weight 1")
+    log.info(f"Discriminator ({args.disc_type}): {sum(p.numel() for p in disc.parameters()):,} parameters")
+    log.info(f"Dataset: {len(dataset):,} images in {len(dataset.classes)} classes ({args.data_path}); "
+             f"{sampler.batches_per_epoch} steps per epoch, {total_steps} steps in all")
+    if device.type != "cuda" and args.mixed_precision != "none":
+        log.info("CPU run: training in fp32 (--mixed-precision applies on GPU)")
 
     model.to(device)
+    disc.to(device)
     ema = None
     if args.ema:
         ema = deepcopy(model).eval()
         requires_grad(ema, False)
-    seed_everything(args.global_seed * world + info.rank)  # from here on every rank draws its own randomness
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
-    optimizer_disc = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
+    seed_everything(args.global_seed * world + run.info.rank)  # from here on every rank draws its own randomness
+    adam = dict(lr=args.lr, betas=(args.beta1, args.beta2), **fused_kwargs(torch.optim.Adam))
+    optimizer = torch.optim.Adam(model.parameters(), **adam)
+    optimizer_disc = torch.optim.Adam(disc.parameters(), **adam)
     scaler, scaler_disc = grad_scaler(device, args.mixed_precision), grad_scaler(device, args.mixed_precision)
 
-    # ---- resume
-    train_steps, start_epoch, start_batch, bad_images = 0, 0, 0, 0
+    start, bad_images = Position(), 0
     if ckpt is not None:
-        try:
-            load_released_state_dict(model, weights, resume_path, allow_missing_heads=args.finetune)
-            if ema is not None:
-                ema_w = ckpt.get("ema") or weights
-                load_released_state_dict(ema, ema_w, resume_path, allow_missing_heads=args.finetune)
-        except CheckpointError as e:
-            fail(e)
+        load_tokenizer_weights(model, weights, resume_path, allow_missing_heads=args.finetune)
+        if ema is not None:
+            load_tokenizer_weights(ema, ckpt.get("ema") or weights, resume_path, allow_missing_heads=args.finetune)
         for name, obj in (("optimizer", optimizer), ("discriminator", disc), ("optimizer_disc", optimizer_disc)):
             if name in ckpt:
                 obj.load_state_dict(ckpt[name])
             else:
-                logger.warning(f"{resume_path} has no '{name}'; it starts fresh")
+                log.warning(f"{resume_path} has no '{name}'; it starts fresh")
         if not args.finetune:
-            train_steps, start_epoch, start_batch, state = restore_position(
-                ckpt, steps_per_epoch, {"scaler": scaler, "scaler_disc": scaler_disc}, logger)
+            start, state = restore_position(ckpt, sampler.batches_per_epoch,
+                                            {"scaler": scaler, "scaler_disc": scaler_disc}, log)
             bad_images = state.get("bad_images", 0)
-        logger.info(f"Resumed from {resume_path}: step {train_steps}, epoch {start_epoch}, batch {start_batch}"
-                    + (" (finetune: step counter reset)" if args.finetune else ""))
-        del ckpt, weights
+        log.info(f"Resumed from {resume_path}: step {start.step}, epoch {start.epoch}, batch {start.batch}"
+                 + (" (finetune: step counter reset)" if args.finetune else ""))
     elif ema is not None:
         update_ema(ema, model, decay=0)
 
-    run_model = torch.compile(model) if args.compile else model
+    train_model, train_disc = torch.compile(model) if args.compile else model, disc
     if is_distributed():
         ids = [device.index] if device.type == "cuda" else None
         # Heads without semantic loss would leave parameters without gradients.
-        unused = bool(config.head_factors) and not loss_fn.config.semantic_weight
-        run_model = DDP(run_model, device_ids=ids, find_unused_parameters=unused)
-        disc_ddp = DDP(disc, device_ids=ids)
-    else:
-        disc_ddp = disc
+        unused = bool(config.head_factors) and not cfg.semantic_weight
+        train_model = DDP(train_model, device_ids=ids, find_unused_parameters=unused)
+        train_disc = DDP(disc, device_ids=ids)
     model.train()
     loss_fn.train()
-    autocast = autocast_context(device, args.mixed_precision)
-    if device.type != "cuda" and args.mixed_precision != "none":
-        logger.info("CPU run: training in fp32 (--mixed-precision applies on GPU)")
+    return Trainer(args, run, config, model, train_model, ema, teachers, loss_fn, disc, train_disc, optimizer,
+                   optimizer_disc, scaler, scaler_disc, dataset, sampler, total_steps, start, bad_images)
 
-    writer = MetricWriter(run.exp_dir / "tensorboard", info.is_main, args.wandb, "fqgan-tokenizer", args.exp_name,
-                          args, logger)
-    (run.exp_dir / "images").mkdir(parents=True, exist_ok=True) if info.is_main else None
-    image_every = args.image_every or 5 * args.log_every
-    throughput, averager = Throughput(device), MetricAverager()
-    last_saved, saved_step = None, -1
 
-    def save(epoch: int, batch_in_epoch: int) -> None:
-        nonlocal last_saved, saved_step
-        saved_step = train_steps  # on every rank: whether to save again is a collective decision
-        resume = resume_entry(epoch, batch_in_epoch, bad_images=bad_images, scaler=scaler.state_dict(),
-                              scaler_disc=scaler_disc.state_dict())
-        if info.is_main and not args.no_local_save:
-            ckpt_out = tokenizer_checkpoint(
-                model, ema, optimizer=optimizer.state_dict(), discriminator=disc.state_dict(),
-                optimizer_disc=optimizer_disc.state_dict(), steps=train_steps, args=args,
-                config=dataclasses.asdict(config), resume=resume)
-            last_saved = atomic_save(ckpt_out, run.ckpt_dir / f"{train_steps:07d}.pt")
-            logger.info(f"Saved checkpoint to {last_saved}")
-        barrier()
+def idle_discriminator_step(optimizer: torch.optim.Optimizer, disc: nn.Module) -> None:
+    """Before --disc-start the original still steps the discriminator's Adam with all-zero gradients (its loss is
+    0 * d_loss): the step counter advances while the weights stay put. Doing the same keeps Adam's bias
+    correction, and so the first real discriminator updates, identical."""
+    for p in disc.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
 
-    def idle_disc_step() -> None:
-        # Before --disc-start the original still steps the discriminator's Adam with all-zero gradients (its
-        # loss is 0 * d_loss); the step counter advances while the weights stay put. Doing the same keeps
-        # Adam's bias correction, and so the first real discriminator updates, identical.
-        for p in disc.parameters():
-            p.grad = torch.zeros_like(p)
-        optimizer_disc.step()
 
-    logger.info(f"Training for {args.epochs} epochs ({total_steps - train_steps} steps to go)...")
+def train_step(t: Trainer, images: torch.Tensor, step: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """One tokenizer update, then one discriminator update, on ``images`` (this rank's batch, split into
+    micro-batches). ``step`` is 1-based, like the original's global step. Returns the logs (device tensors),
+    whether an update was skipped for non-finite gradients, and the last micro-batch's reconstructions."""
+    args, autocast = t.args, autocast_context(t.run.info.device, t.args.mixed_precision)
+    micro = images.split(t.run.micro_batch)
+
+    t.optimizer.zero_grad(set_to_none=True)
+    recons = []
+    for x, sync in accumulation(t.train_model, micro):
+        with sync, autocast():
+            out = t.train_model(x)
+            with torch.no_grad():
+                teacher_cls = t.teachers(x) if t.teachers is not None else None
+            with frozen(t.disc):
+                gen = t.loss_fn.generator_step(x, out, step, teacher_cls, t.model.decoder.last_layer, t.disc)
+        t.scaler.scale(gen.loss / len(micro)).backward()
+        recons.append(out.recon.detach())
+    grad_norm, skipped = optimizer_step(t.optimizer, t.scaler, t.model.parameters(), args.max_grad_norm)
+    if t.ema is not None:
+        update_ema(t.ema, t.model, args.ema_decay)
+    logs = {**gen.logs(), "grad_norm": grad_norm}
+
+    t.optimizer_disc.zero_grad(set_to_none=True)
+    if t.loss_fn.disc_factor(step) > 0:
+        for (x, rec), sync in accumulation(t.train_disc, zip(micro, recons)):
+            with sync, autocast():
+                disc = t.loss_fn.discriminator_step(t.train_disc, x, rec, step)
+            t.scaler_disc.scale(disc.loss / len(micro)).backward()
+        _, disc_skipped = optimizer_step(t.optimizer_disc, t.scaler_disc, t.disc.parameters(), args.max_grad_norm)
+        skipped = skipped | disc_skipped
+        logs.update(disc.logs())
+    else:
+        idle_discriminator_step(t.optimizer_disc, t.disc)
+    return logs, skipped, recons[-1]
+
+
+def progress_parts(avg: dict[str, float], factor_names: list[str], bad_images: int, skipped: int) -> list[str]:
+    usage = " ".join(f"{n}={avg[f'codebook_usage_{n}']:.3f}" for n in factor_names)
+    return ([f"loss={avg['loss']:.4f}", f"rec={avg['rec_loss']:.4f}"]
+            + ([f"lpips={avg['perceptual_loss']:.4f}"] if "perceptual_loss" in avg else [])
+            + [f"dis={avg['disentangle_loss']:.4f}", f"usage[{usage}]", f"grad={avg['grad_norm']:.3f}"]
+            + ([f"skipped {bad_images} bad images"] if bad_images else [])
+            + ([f"skipped {skipped} non-finite steps"] if skipped else []))
+
+
+def main(argv=None, preset: str = "dual") -> Optional[Path]:
+    args = get_parser(preset).parse_args(argv)
     try:
-        for epoch in range(start_epoch, args.epochs):
-            sampler.set_epoch(epoch, start_batch if epoch == start_epoch else 0)
-            dataset.set_epoch(epoch)
-            loader = epoch_loader(dataset, sampler, micro_batch * accum, args.num_workers, collate_train, device,
-                                  args.global_seed)
-            batch_in_epoch = start_batch if epoch == start_epoch else 0
-            for x_all, _, n_bad in loader:
-                if train_steps >= total_steps:
-                    raise _Stop
-                step = train_steps + 1  # 1-based, like the original's global_step
-                bad_images += n_bad
-                x_all = x_all.to(device, non_blocking=True)
-                micro = x_all.split(micro_batch)
+        t = build(args, preset)
+    except BAD_INPUT as e:
+        fail(e)
+    run, log, device = t.run, t.run.logger, t.run.info.device
+    writer = MetricWriter(run.exp_dir / "tensorboard", run.info.is_main, args.wandb, "fqgan-tokenizer",
+                          args.exp_name, args, log)
+    if run.info.is_main:
+        (run.exp_dir / "images").mkdir(parents=True, exist_ok=True)
+    image_every = args.image_every or 5 * args.log_every
+    throughput, averager = Throughput(device), MetricAverager(device)
+    guard, stop = NonFiniteGuard(device, args.max_nonfinite_steps), StopSignal()
 
-                # --- tokenizer update
-                optimizer.zero_grad(set_to_none=True)
-                recons, gen_logs = [], []
-                for j, x in enumerate(micro):
-                    sync = j == len(micro) - 1
-                    ctx = run_model.no_sync() if (not sync and isinstance(run_model, DDP)) else nullcontext()
-                    with ctx, autocast():
-                        out = run_model(x)
-                        teacher_cls = None
-                        if teachers is not None:
-                            with torch.no_grad():
-                                teacher_cls = teachers(x)
-                        with frozen(disc):
-                            gl = loss_fn.generator_step(x, out, step, teacher_cls, model.decoder.last_layer)
-                    scaler.scale(gl.loss / len(micro)).backward()
-                    recons.append(out.recon.detach())
-                    gen_logs.append(gl)
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    model.parameters(), args.max_grad_norm if args.max_grad_norm else math.inf)
-                scaler.step(optimizer)
-                scaler.update()
-                if ema is not None:
-                    update_ema(ema, model, args.ema_decay)
+    def set_epoch(epoch: int, first_batch: int) -> None:
+        t.sampler.set_epoch(epoch, first_batch)
+        t.dataset.set_epoch(epoch)
 
-                # --- discriminator update
-                optimizer_disc.zero_grad(set_to_none=True)
-                disc_logs = {}
-                if loss_fn.disc_factor(step) > 0:
-                    for j, (x, rec) in enumerate(zip(micro, recons)):
-                        sync = j == len(micro) - 1
-                        ctx = disc_ddp.no_sync() if (not sync and isinstance(disc_ddp, DDP)) else nullcontext()
-                        with ctx, autocast():
-                            dl = loss_fn.discriminator_step(x, rec, step, discriminator=disc_ddp)
-                        scaler_disc.scale(dl.loss / len(micro)).backward()
-                    scaler_disc.unscale_(optimizer_disc)
-                    if args.max_grad_norm:
-                        torch.nn.utils.clip_grad_norm_(disc.parameters(), args.max_grad_norm)
-                    scaler_disc.step(optimizer_disc)
-                    scaler_disc.update()
-                    disc_logs = dl.logs()
-                else:
-                    idle_disc_step()
+    def make_loader():
+        return epoch_loader(t.dataset, t.sampler, run.micro_batch * run.accum, args.num_workers, collate_train,
+                            device, args.global_seed)
 
-                train_steps += 1
-                batch_in_epoch += 1
-                throughput.update(len(x_all) * world)
+    log.info(f"Training for {args.epochs} epochs ({t.total_steps - t.start.step} steps to go)...")
+    pos, saved, last_saved, error = t.start, t.start.step, None, None
+    for epoch, done, (images, _, n_bad) in epoch_batches(t.start, args.epochs, set_epoch, make_loader):
+        if pos.step >= t.total_steps:
+            break
+        images = images.to(device, non_blocking=True)
+        logs, skipped, recon = train_step(t, images, pos.step + 1)
+        pos = Position(pos.step + 1, epoch, done)
+        t.bad_images += n_bad
+        guard.update(skipped)
+        averager.add(logs)
+        throughput.update(len(images) * run.info.world_size)
 
-                # --- logging
-                logs = gen_logs[-1].logs()
-                logs.update(disc_logs)
-                logs["grad_norm"] = float(grad_norm)
-                averager.add(logs)
-                if train_steps % args.log_every == 0 or train_steps == total_steps:
-                    avg = averager.reduce()
-                    avg.update(lr=optimizer.param_groups[0]["lr"], bad_images=bad_images)
-                    usage = " ".join(f"{n}={avg[f'codebook_usage_{n}']:.3f}" for n in model.factor_names)
-                    parts = [f"loss={avg['loss']:.4f}", f"rec={avg['rec_loss']:.4f}"] + \
-                        ([f"lpips={avg['perceptual_loss']:.4f}"] if "perceptual_loss" in avg else []) + \
-                        [f"dis={avg['disentangle_loss']:.4f}", f"usage[{usage}]", f"grad={avg['grad_norm']:.3f}"] + \
-                        ([f"skipped {bad_images} bad images"] if bad_images else [])
-                    report(run, writer, train_steps, total_steps, epoch,
-                           avg, throughput.report(total_steps - train_steps), parts)
-                if info.is_main and train_steps % image_every == 0:
-                    shown = micro[-1][:8]
-                    grid = save_grid(torch.cat([shown.float(), recons[-1][:8].float()]).cpu(),
-                                     run.exp_dir / "images" / f"{train_steps:07d}.png", nrow=len(shown))
-                    writer.image("train/inputs_and_reconstructions", grid, train_steps)
-                if train_steps % args.ckpt_every == 0:
-                    save(epoch, batch_in_epoch)
-            start_batch = 0
-    except _Stop:
-        pass
-    except KeyboardInterrupt:
-        logger.warning("Interrupted; the last checkpoint is where a rerun with --auto-resume continues")
-        raise
-    if saved_step != train_steps:
-        epoch_now = train_steps // steps_per_epoch
-        save(epoch_now, train_steps - epoch_now * steps_per_epoch)
+        if pos.step % args.log_every == 0 or pos.step == t.total_steps:
+            check = guard.check()
+            avg = {**averager.reduce(), "lr": t.optimizer.param_groups[0]["lr"], "bad_images": t.bad_images,
+                   "nonfinite_steps": check.skipped}
+            report(log, writer, run.metrics_file, pos.step, t.total_steps, epoch, avg,
+                   throughput.report(t.total_steps - pos.step),
+                   progress_parts(avg, t.model.factor_names, t.bad_images, check.skipped))
+            if check.error:
+                error = check.error
+                break
+        if run.info.is_main and pos.step % image_every == 0:
+            shown = images[-len(recon):][:8]
+            grid = save_grid(torch.cat([shown.float(), recon[:8].float()]).cpu(),
+                             run.exp_dir / "images" / f"{pos.step:07d}.png", nrow=len(shown))
+            writer.image("train/inputs_and_reconstructions", grid, pos.step)
+        stopping = stop.requested()
+        if pos.step % args.ckpt_every == 0 or stopping:
+            last_saved, saved = t.save(pos), pos.step
+        if stopping:
+            log.info(f"Stopped by {stop.received or 'a signal to another rank'} after step {pos.step}; resume with: "
+                     f"{resume_command()}")
+            break
+    if error is not None:
+        fail(error)
+    if saved != pos.step:
+        last_saved = t.save(pos)
     writer.close()
-    logger.info("Done!")
+    stop.close()
+    log.info("Done!")
     cleanup()
     return last_saved
+
+

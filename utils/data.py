@@ -211,3 +211,13 @@ class ResumableSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.start_batch) * self.batch
+
+
+def epoch_loader(dataset, sampler, batch_size: int, num_workers: int, collate_fn, device: torch.device,
+                 seed: int) -> torch.utils.data.DataLoader:
+    """The loader of one training epoch. It gets its own generator: drawing its worker seeds from the global RNG
+    would shift dropout masks after a resume."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                                       num_workers=num_workers, collate_fn=collate_fn,
+                                       pin_memory=device.type == "cuda",
+                                       generator=torch.Generator().manual_seed(seed))

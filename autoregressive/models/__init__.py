@@ -1,5 +1,4 @@
 """FAR, the factorized autoregressive generator of FQGAN: model, checkpoint I/O and sampling."""
-from .checkpoint import (describe, far_checkpoint, infer_config, load_far, load_released_state_dict,
-                         released_state_dict, save_far)
-from .far import FAR, FAR_models, FARConfig, FAROutput, PRESETS, factor_names, far_config
+from .checkpoint import describe_far, far_checkpoint, infer_far_config, load_far, load_far_weights, save_far
+from .far import FAR, FAR_models, FARConfig, FAROutput, far_config
 from .generate import generate, sample

@@ -2,8 +2,8 @@
 
 ``FAR`` uses the released parameter names (``cls_embedding.embedding_table``, ``tok_embeddings_{1..F}``,
 ``aggregation_layer``, ``layers.{i}.*``, ``ar_head.{i}.*``, ``norm``, ``output_{1..F}``), so no renaming is
-needed in either direction: ``released_state_dict`` is the model's own state dict and a released file loads
-with ``load_state_dict``. What these helpers add is a single clear error for a file that does not fit, the
+needed in either direction: a file holds the model's own state dict and a released file loads with
+``load_state_dict``. What these helpers add is a single clear error for a file that does not fit, the
 config inferred from the weights alone, and atomic saving.
 
 Weights cannot tell the number of attention heads; every FAR / LlamaGen size uses 64-dimensional heads, so
@@ -18,28 +18,24 @@ from typing import Any, Mapping, Optional
 import torch
 
 from utils.checkpoint import CheckpointError, atomic_save, check_state_dict, extract_weights, load_file
+from utils.factors import preset_name
 
 from .far import FAR, FAR_models, FARConfig, find_multiple, rope_table
 
 
-def describe(cfg: FARConfig) -> str:
-    kind = {2: "dual", 3: "triple"}.get(cfg.num_factors, f"{cfg.num_factors}-factor")
+def describe_far(cfg: FARConfig) -> str:
+    kind = preset_name(cfg.num_factors)
     size = next((n for n, s in FAR_models.items()
                  if all(getattr(cfg, k) == v for k, v in s.items())), "custom")
     return (f"a {kind} FAR ({size}: dim {cfg.dim}, {cfg.n_layer} layers, {cfg.ar_n_layer} factor-head layers, "
             f"vocab {cfg.vocab_size}, {cfg.num_classes} classes)")
 
 
-def released_state_dict(model: FAR) -> dict[str, torch.Tensor]:
-    """The model's weights under the released key names (identical to ours; tensors are shared)."""
-    return dict(model.state_dict())
-
-
-def load_released_state_dict(model: FAR, sd: Mapping[str, torch.Tensor],
+def load_far_weights(model: FAR, sd: Mapping[str, torch.Tensor],
                              path: str | os.PathLike = "<state dict>") -> None:
     """Load released-layout weights; one CheckpointError names every missing, unexpected or mis-shaped key."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    check_state_dict(expected, sd, path, describe(model.config))
+    check_state_dict(expected, sd, path, describe_far(model.config))
     on_meta = model.rope.is_meta  # built under torch.device("meta"): take the file's tensors as they are
     model.load_state_dict(sd, strict=True, assign=on_meta)
     weight = model.aggregation_layer.weight
@@ -47,11 +43,11 @@ def load_released_state_dict(model: FAR, sd: Mapping[str, torch.Tensor],
         model.rope = rope_table(model.config).to(weight.device)
 
 
-_LAYER_RE = re.compile(r"^(layers|ar_head)\.(\d+)\.")
+_LAYER = re.compile(r"^(?P<stack>layers|ar_head)\.(?P<layer>\d+)\.")  # the trunk's and the factor head's blocks
 
 
-def infer_config(sd: Mapping[str, torch.Tensor], path: str | os.PathLike = "<state dict>",
-                 n_head: Optional[int] = None, **overrides) -> FARConfig:
+def infer_far_config(sd: Mapping[str, torch.Tensor], path: str | os.PathLike = "<state dict>",
+                     n_head: Optional[int] = None, **overrides) -> FARConfig:
     """The FARConfig of released-layout weights: factor count, widths, depths, vocabulary and classes come
     from the keys and shapes; ``n_head`` (default dim // 64), ``block_size`` (default 256) and the training
     hyper-parameters cannot be read from weights and may be given as keyword arguments."""
@@ -64,9 +60,9 @@ def infer_config(sd: Mapping[str, torch.Tensor], path: str | os.PathLike = "<sta
         vocab_size, dim = sd["tok_embeddings_1.weight"].shape
         depth = {"layers": 0, "ar_head": 0}
         for k in sd:
-            m = _LAYER_RE.match(k)
+            m = _LAYER.match(k)
             if m:
-                depth[m.group(1)] = max(depth[m.group(1)], int(m.group(2)) + 1)
+                depth[m["stack"]] = max(depth[m["stack"]], int(m["layer"]) + 1)
         qkv_rows = sd["layers.0.attention.wqkv.weight"].shape[0]
         hidden = sd["layers.0.feed_forward.w1.weight"].shape[0]
         class_rows = sd["cls_embedding.embedding_table.weight"].shape[0]
@@ -108,21 +104,21 @@ def load_far(path: str | os.PathLike, map_location: str | torch.device = "cpu",
     ckpt = load_file(path, map_location)
     sd, _ = extract_weights(ckpt, path, prefer)
     overrides.setdefault("n_head", _n_head_from_args(ckpt))
-    cfg = infer_config(sd, path, **overrides)
+    cfg = infer_far_config(sd, path, **overrides)
     if expect_factors is not None and cfg.num_factors != expect_factors:
-        raise CheckpointError(f"{path}: holds {describe(cfg)}, but {expect_factors} factors were expected")
+        raise CheckpointError(f"{path}: holds {describe_far(cfg)}, but {expect_factors} factors were expected")
     with torch.device("meta"):  # no time spent initialising weights that are about to be overwritten
         model = FAR(cfg)
-    load_released_state_dict(model, sd, path)
+    load_far_weights(model, sd, path)
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
 
 
 def far_checkpoint(model: FAR, ema: Optional[FAR] = None, **extra: Any) -> dict[str, Any]:
-    ckpt: dict[str, Any] = {"model": released_state_dict(model)}
+    ckpt: dict[str, Any] = {"model": model.state_dict()}
     if ema is not None:
-        ckpt["ema"] = released_state_dict(ema)
+        ckpt["ema"] = ema.state_dict()
     ckpt.update(extra)
     return ckpt
 

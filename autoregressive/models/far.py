@@ -30,12 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-FACTOR_NAMES = {2: ("vis", "sem"), 3: ("vis", "sem_mid", "sem_high")}  # the tokenizer's names, same order
-
-
-def factor_names(num_factors: int) -> tuple[str, ...]:
-    return FACTOR_NAMES.get(num_factors, tuple(f"factor{i + 1}" for i in range(num_factors)))
-
+from utils.factors import factor_count, factor_names
 
 def find_multiple(n: int, k: int) -> int:
     return n if n % k == 0 else n + k - n % k
@@ -125,18 +120,11 @@ FAR_models = {
     "FAR-B": dict(n_layer=24, dim=1024, n_head=16, ar_n_layer=3),
     "FAR-L": dict(n_layer=36, dim=1280, n_head=20, ar_n_layer=4),
 }
-PRESETS = {"dual": 2, "triple": 3}
-
-
 def far_config(name: str = "FAR-B", num_factors: int | str = 2, **overrides) -> FARConfig:
     """The config of a named size; ``num_factors`` is a count or a preset name ('dual', 'triple')."""
     if name not in FAR_models:
         raise ValueError(f"unknown FAR model {name!r}; choose from {sorted(FAR_models)}")
-    if isinstance(num_factors, str):
-        if num_factors not in PRESETS:
-            raise ValueError(f"unknown preset {num_factors!r}; choose from {sorted(PRESETS)} or give a count")
-        num_factors = PRESETS[num_factors]
-    return FARConfig(**{**FAR_models[name], "num_factors": num_factors, **overrides})
+    return FARConfig(**{**FAR_models[name], "num_factors": factor_count(num_factors), **overrides})
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from autoregressive.models import FAR_models, describe as describe_far, generate, load_far
-from tokenizer.models import describe as describe_tok, load_tokenizer
-from tokenizer.reconstruct import check_flags
+from autoregressive.models import FAR_models, describe_far, generate, load_far
+from tokenizer.models import check_tokenizer_flags, describe_tokenizer, load_tokenizer
 from utils.checkpoint import CheckpointError
 from utils.data import rank_shard
 from utils.distributed import cleanup, init_distributed
@@ -102,7 +101,7 @@ def main(argv=None, num_factors: int = 2) -> Path:
     try:
         # the original sampler decodes with the tokenizer's "model" weights, as its codes were extracted with
         tokenizer = load_tokenizer(args.vq_ckpt, expect_factors=num_factors, prefer=("model", "ema", "state_dict"))
-        check_flags(args, tokenizer)
+        check_tokenizer_flags(args, tokenizer)
         far = load_far(args.gpt_ckpt, expect_factors=num_factors, block_size=grid * grid)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
@@ -117,7 +116,7 @@ def main(argv=None, num_factors: int = 2) -> Path:
                  f"({tokenizer.config.downsample})")
     tokenizer = tokenizer.to(device)
     far = far.to(device=device, dtype=dtype)
-    log(f"Generator: {describe_far(far.config)} ({args.gpt_ckpt}); tokenizer: {describe_tok(tokenizer.config)}")
+    log(f"Generator: {describe_far(far.config)} ({args.gpt_ckpt}); tokenizer: {describe_tokenizer(tokenizer.config)}")
 
     n = args.num_fid_samples
     labels = sample_labels(n, args.num_classes, args.global_seed, args.class_balanced)

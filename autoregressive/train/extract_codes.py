@@ -16,8 +16,7 @@ import torchvision.transforms.functional as TF
 from tqdm import tqdm
 
 from autoregressive.data.code_store import CodeStoreWriter
-from tokenizer.models import describe, load_tokenizer
-from tokenizer.reconstruct import check_flags
+from tokenizer.models import check_tokenizer_flags, describe_tokenizer, load_tokenizer
 from utils.checkpoint import CheckpointError
 from utils.data import ImageFolderSafe, center_crop_arr, eval_batches, rank_shard, to_model_range
 from utils.distributed import all_reduce_sum, cleanup, init_distributed
@@ -66,13 +65,13 @@ def main(argv=None, num_factors: int = 2) -> None:
     try:
         # The original extraction reads the "model" weights (not "ema"); so do we, for identical codes.
         model = load_tokenizer(args.vq_ckpt, expect_factors=num_factors, prefer=("model", "ema", "state_dict"))
-        check_flags(args, model)
+        check_tokenizer_flags(args, model)
         dataset = ImageFolderSafe(args.data_path, views_transform(args.image_size, args.ten_crop, args.crop_range),
                                   args.image_size)
     except (CheckpointError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     model = model.to(info.device)
-    log(f"Extracting codes with {describe(model.config)} from {args.vq_ckpt}")
+    log(f"Extracting codes with {describe_tokenizer(model.config)} from {args.vq_ckpt}")
     n = min(len(dataset), args.num_images) if args.num_images else len(dataset)
     shard = rank_shard(n, info.rank, info.world_size)
     num_views = 10 if args.ten_crop else 2
@@ -91,7 +90,7 @@ def main(argv=None, num_factors: int = 2) -> None:
         writer.write(codes.reshape(b, num_views, num_factors, -1).cpu().numpy(), y.numpy())
     all_reduce_sum(skipped)
     writer.close(num_classes=len(dataset.classes), extra={
-        "vq_ckpt": str(args.vq_ckpt), "tokenizer": describe(model.config), "image_size": args.image_size,
+        "vq_ckpt": str(args.vq_ckpt), "tokenizer": describe_tokenizer(model.config), "image_size": args.image_size,
         "ten_crop": args.ten_crop, "crop_range": args.crop_range, "data_path": str(args.data_path),
         "skipped": int(skipped.item()), "classes": dataset.classes})
     if skipped.item():

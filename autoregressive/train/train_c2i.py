@@ -2,38 +2,46 @@
 ``train_c2i_triple.py`` (which only fix the factor count).
 
 DDP by default, FSDP2 (``--fsdp``, ``fully_shard`` per transformer block) for FAR-L and larger; AdamW with weight
-decay on matrices only; bf16 autocast on GPU; gradient clipping and accumulation; optional EMA. Checkpoints are
-atomic, use the released key names (``model``, ``ema``, ``optimizer``, ``steps``, ``args``) and carry what an
-exact resume needs (epoch position and every rank's RNG state, which drives label and token dropout).
+decay on matrices only; bf16 autocast on GPU; gradient clipping and accumulation; optional EMA. ``build`` turns
+the flags into a ``Trainer``; ``main`` runs a plain loop of ``train_step``. Checkpoints are atomic, use the
+released key names (``model``, ``ema``, ``optimizer``, ``steps``, ``args``) and carry what an exact resume needs
+(epoch position and every rank's RNG state, which drives label and token dropout). SIGTERM or SIGUSR1
+(preemption) stops every rank after its current step with such a checkpoint; non-finite steps are skipped.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
-import math
-from contextlib import nullcontext
 from copy import deepcopy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from autoregressive.data.code_store import CodeDataset, CodeStoreError, collate_codes
-from autoregressive.models import FAR, FAR_models, describe, far_checkpoint, far_config, load_released_state_dict
-from autoregressive.models.far import TransformerBlock
-from utils.checkpoint import CheckpointError, atomic_save, extract_weights, load_file
-from utils.data import ResumableSampler
-from utils.distributed import barrier, cleanup, is_distributed
+from autoregressive.data.code_store import CodeDataset, collate_codes
+from autoregressive.models import FAR, FAR_models, describe_far, far_checkpoint, far_config, load_far_weights
+from autoregressive.models.far import FARConfig, TransformerBlock
+from utils.checkpoint import extract_weights, load_file
+from utils.data import ResumableSampler, epoch_loader
+from utils.distributed import cleanup, is_distributed
 from utils.ema import requires_grad, update_ema
+from utils.factors import preset_name
 from utils.logging import MetricWriter
-from utils.training import (MetricAverager, Throughput, autocast_context, epoch_loader, fail, find_resume,
-                            grad_scaler, report, restore_position, resume_entry, seed_everything, start_run)
+from utils.progress import MetricAverager, Throughput, report
+from utils.rng import seed_everything
+from utils.run import (Position, Run, StopSignal, epoch_batches, fail, find_resume, restore_position,
+                       resume_command, save_checkpoint, start_run)
+from utils.steps import (NonFiniteGuard, accumulation, autocast_context, fused_kwargs, grad_scaler,
+                         optimizer_step)
+
+BAD_INPUT = (ValueError, FileNotFoundError)  # one-line errors, raised by build() (CodeStoreError included)
 
 
 def get_parser(num_factors: int) -> argparse.ArgumentParser:
-    name = {2: "dual", 3: "triple"}.get(num_factors, f"{num_factors}-factor")
+    name = preset_name(num_factors)
     p = argparse.ArgumentParser(description=f"Train a class-conditional FAR generator on {name} codes.")
     p.add_argument("--code-path", type=str, required=True, help="code store from extract_codes_c2i_*_code.py")
     p.add_argument("--exp-name", type=str, required=True)
@@ -73,17 +81,18 @@ def get_parser(num_factors: int) -> argparse.ArgumentParser:
     p.add_argument("--auto-resume", action="store_true", help="resume from the newest checkpoint of this run")
     p.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--wandb", action="store_true")
+    p.add_argument("--max-nonfinite-steps", type=int, default=100,
+                   help="stop after this many optimizer steps in a row skipped for a NaN/inf loss or gradient "
+                        "(0: never)")
     return p
 
 
-def create_optimizer(model: torch.nn.Module, args, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (and embeddings) only; fused on CUDA."""
+def create_optimizer(model: torch.nn.Module, args) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (and embeddings) only; fused (see utils.steps.optimizer_step)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    extra = {"fused": True} if device.type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters \
-        else {}
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), **extra)
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), **fused_kwargs(torch.optim.AdamW))
 
 
 def shard_fsdp(model: FAR) -> FAR:
@@ -110,163 +119,189 @@ def full_state(model: FAR, optimizer, fsdp: bool):
     return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
 
 
-def main(argv=None, num_factors: int = 2) -> Optional[Path]:
-    args = get_parser(num_factors).parse_args(argv)
-    run = start_run(args, args.gpt_model)
-    info, logger, micro_batch, accum = run.info, run.logger, run.micro_batch, run.accum
-    device, world = info.device, info.world_size
+def load_optimizer_state(model: FAR, optimizer: torch.optim.Optimizer, state: dict, fsdp: bool) -> None:
+    """A checkpoint's (full) optimizer state into ``optimizer``; scattered to the shards under FSDP."""
+    if not fsdp:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    try:
-        dataset = CodeDataset(args.code_path, seed=args.global_seed, expect_factors=num_factors,
-                              vocab_size=args.vocab_size)
-    except CodeStoreError as e:
-        fail(e)
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+@dataclass
+class Trainer:
+    """Everything a FAR run trains with, as ``build`` returns it."""
+    args: argparse.Namespace
+    run: Run
+    config: FARConfig
+    model: FAR  # sharded in place under --fsdp
+    train_model: nn.Module  # ``model`` compiled and/or DDP-wrapped: what the step calls
+    ema: Optional[FAR]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    dataset: CodeDataset
+    sampler: ResumableSampler
+    total_steps: int
+    start: Position
+
+    def save(self, pos: Position) -> Optional[Path]:
+        """A checkpoint at ``pos`` (collective: under FSDP every rank takes part in gathering the weights)."""
+        weights, opt_state = full_state(self.model, self.optimizer, self.args.fsdp)
+        ckpt = far_checkpoint(self.model, self.ema, optimizer=opt_state, args=self.args,
+                              config=dataclasses.asdict(self.config))
+        ckpt["model"] = weights
+        return save_checkpoint(self.run, pos, ckpt, scaler=self.scaler.state_dict())
+
+
+def build(args, num_factors: int) -> Trainer:
+    """Everything the flags describe, resumed from a checkpoint when asked; problems raise one of BAD_INPUT."""
+    run = start_run(args, args.gpt_model)
+    device, world, log = run.info.device, run.info.world_size, run.logger
+    if args.fsdp and not is_distributed():
+        raise ValueError("--fsdp needs a torchrun launch (several processes)")
+    if args.fsdp and args.ema:
+        raise ValueError("--ema keeps a full copy of the weights on every rank; it is not combined with --fsdp")
+    dataset = CodeDataset(args.code_path, seed=args.global_seed, expect_factors=num_factors,
+                          vocab_size=args.vocab_size)
     grid = args.image_size // args.downsample_size
     if dataset.info.tokens != grid * grid:
-        fail(f"--code-path {args.code_path} holds {dataset.info.grid[0]}x{dataset.info.grid[1]} codes per image, "
-             f"but --image-size {args.image_size} / --downsample-size {args.downsample_size} gives {grid}x{grid}")
+        raise ValueError(f"--code-path {args.code_path} holds {dataset.info.grid[0]}x{dataset.info.grid[1]} codes "
+                         f"per image, but --image-size {args.image_size} / --downsample-size "
+                         f"{args.downsample_size} gives {grid}x{grid}")
     if dataset.info.num_classes > args.num_classes:
-        fail(f"--code-path {args.code_path} has {dataset.info.num_classes} classes, more than --num-classes "
-             f"{args.num_classes}")
+        raise ValueError(f"--code-path {args.code_path} has {dataset.info.num_classes} classes, more than "
+                         f"--num-classes {args.num_classes}")
+    try:
+        sampler = ResumableSampler(len(dataset), run.micro_batch * run.accum, run.info.rank, world,
+                                   args.global_seed)
+    except ValueError as e:
+        raise ValueError(f"--code-path {args.code_path}: {e}") from None
+    total_steps = sampler.batches_per_epoch * args.epochs
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
     dropout = 0.0 if args.drop_path_rate > 0 else args.dropout_p
     config = far_config(args.gpt_model, num_factors, vocab_size=args.vocab_size, block_size=grid * grid,
                         num_classes=args.num_classes, cls_token_num=args.cls_token_num,
                         resid_dropout_p=dropout, ffn_dropout_p=dropout, token_dropout_p=args.token_dropout_p,
                         drop_path_rate=args.drop_path_rate)
     model = FAR(config).to(device)
-    logger.info(f"Generator: {describe(config)}; {model.num_params():,} parameters")
+    log.info(f"Generator: {describe_far(config)}; {model.num_params():,} parameters")
+    log.info(f"Codes: {len(dataset):,} images x {dataset.info.num_augs} views, {dataset.info.num_classes} "
+             f"classes ({args.code_path}); {sampler.batches_per_epoch} steps per epoch, {total_steps} steps in all")
     ema = None
     if args.ema:
         ema = deepcopy(model).eval()
         requires_grad(ema, False)
-    seed_everything(args.global_seed * world + info.rank)  # from here on every rank draws its own randomness
-    optimizer = create_optimizer(model, args, device)
+    seed_everything(args.global_seed * world + run.info.rank)  # from here on every rank draws its own randomness
     scaler = grad_scaler(device, args.mixed_precision)
-    try:
-        sampler = ResumableSampler(len(dataset), micro_batch * accum, info.rank, world, args.global_seed)
-    except ValueError as e:
-        fail(f"--code-path {args.code_path}: {e}")
-    steps_per_epoch = sampler.batches_per_epoch
-    total_steps = steps_per_epoch * args.epochs
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
-    logger.info(f"Codes: {len(dataset):,} images x {dataset.info.num_augs} views, {dataset.info.num_classes} "
-                f"classes ({args.code_path}); {steps_per_epoch} steps per epoch, {total_steps} steps in all")
 
-    # ---- resume
     resume_path = find_resume(args.gpt_ckpt, args.auto_resume, run.ckpt_dir)
-    train_steps, start_epoch, start_batch, opt_state = 0, 0, 0, None
+    start, opt_state = Position(), None
     if resume_path:
-        try:
-            ckpt = load_file(resume_path)
-            weights, _ = extract_weights(ckpt, resume_path, prefer=("model", "ema", "state_dict"))
-            load_released_state_dict(model, weights, resume_path)
-            if ema is not None:
-                load_released_state_dict(ema, ckpt.get("ema") or weights, resume_path)
-        except CheckpointError as e:
-            fail(e)
+        ckpt = load_file(resume_path)
+        weights, _ = extract_weights(ckpt, resume_path, prefer=("model", "ema", "state_dict"))
+        load_far_weights(model, weights, resume_path)
+        if ema is not None:
+            load_far_weights(ema, ckpt.get("ema") or weights, resume_path)
         opt_state = ckpt.get("optimizer")
-        train_steps, start_epoch, start_batch, _ = restore_position(ckpt, steps_per_epoch, {"scaler": scaler}, logger)
-        logger.info(f"Resumed from {resume_path}: step {train_steps}, epoch {start_epoch}, batch {start_batch}")
-        del ckpt
+        start, _ = restore_position(ckpt, sampler.batches_per_epoch, {"scaler": scaler}, log)
+        log.info(f"Resumed from {resume_path}: step {start.step}, epoch {start.epoch}, batch {start.batch}")
+        del ckpt, weights
     elif ema is not None:
         update_ema(ema, model, decay=0)
 
-    run_model = model
     if args.fsdp:
-        if not is_distributed():
-            fail("--fsdp needs a torchrun launch (several processes)")
-        if ema is not None:
-            fail("--ema keeps a full copy of the weights on every rank; it is not combined with --fsdp")
         shard_fsdp(model)
-        optimizer = create_optimizer(model, args, device)  # over the sharded parameters
-        if opt_state is not None:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            set_optimizer_state_dict(model, optimizer, opt_state, options=StateDictOptions(full_state_dict=True))
-            opt_state = None
+    optimizer = create_optimizer(model, args)  # after sharding: over the sharded parameters
     if opt_state is not None:
-        optimizer.load_state_dict(opt_state)
+        load_optimizer_state(model, optimizer, opt_state, args.fsdp)
+    train_model = model
     if not args.no_compile and device.type == "cuda":
-        logger.info("compiling the model... (--no-compile to skip)")
-        run_model = torch.compile(run_model)
+        log.info("compiling the model... (--no-compile to skip)")
+        train_model = torch.compile(train_model)
     if is_distributed() and not args.fsdp:
-        run_model = DDP(run_model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
     model.train()
-    autocast = autocast_context(device, args.mixed_precision)
-    writer = MetricWriter(run.exp_dir / "tensorboard", info.is_main, args.wandb, "fqgan-far", args.exp_name, args,
-                          logger)
-    throughput, averager = Throughput(device), MetricAverager()
-    saved_step, last_saved = -1, None
+    return Trainer(args, run, config, model, train_model, ema, optimizer, scaler, dataset, sampler, total_steps,
+                   start)
 
-    def save(epoch: int, batch_in_epoch: int) -> None:
-        nonlocal saved_step, last_saved
-        saved_step = train_steps
-        weights, opt_state = full_state(model, optimizer, args.fsdp)
-        resume = resume_entry(epoch, batch_in_epoch, scaler=scaler.state_dict())
-        if info.is_main and not args.no_local_save:
-            ckpt = far_checkpoint(model, ema, optimizer=opt_state, steps=train_steps, args=args,
-                                  config=dataclasses.asdict(config), resume=resume)
-            ckpt["model"] = weights
-            last_saved = atomic_save(ckpt, run.ckpt_dir / f"{train_steps:07d}.pt")
-            logger.info(f"Saved checkpoint to {last_saved}")
-        barrier()
 
-    logger.info(f"Training for {args.epochs} epochs ({total_steps - train_steps} steps to go)...")
-    epoch = start_epoch
-    for epoch in range(start_epoch, args.epochs):
-        if train_steps >= total_steps:
+def train_step(t: Trainer, codes: torch.Tensor, labels: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """One optimizer update on this rank's batch (split into micro-batches). Returns the logs (device tensors)
+    and whether the update was skipped for non-finite gradients."""
+    args, autocast = t.args, autocast_context(t.run.info.device, t.args.mixed_precision)
+    mb = t.run.micro_batch
+    t.optimizer.zero_grad(set_to_none=True)
+    losses = []
+    for (c, y), sync in accumulation(t.train_model, zip(codes.split(mb), labels.split(mb))):
+        with sync, autocast():
+            out = t.train_model(c, y, targets=c)
+        t.scaler.scale(out.loss / t.run.accum).backward()
+        losses.append(out.losses.detach())
+    grad_norm, skipped = optimizer_step(t.optimizer, t.scaler, t.model.parameters(), args.max_grad_norm)
+    if t.ema is not None:
+        update_ema(t.ema, t.model, args.ema_decay)
+    per_factor = torch.stack(losses).mean(0)
+    return {"loss": per_factor.mean(), "grad_norm": grad_norm,
+            **{f"loss_{n}": per_factor[f] for f, n in enumerate(t.config.factor_names)}}, skipped
+
+
+def main(argv=None, num_factors: int = 2) -> Optional[Path]:
+    args = get_parser(num_factors).parse_args(argv)
+    try:
+        t = build(args, num_factors)
+    except BAD_INPUT as e:
+        fail(e)
+    run, log, device = t.run, t.run.logger, t.run.info.device
+    writer = MetricWriter(run.exp_dir / "tensorboard", run.info.is_main, args.wandb, "fqgan-far", args.exp_name,
+                          args, log)
+    throughput, averager = Throughput(device), MetricAverager(device)
+    guard, stop = NonFiniteGuard(device, args.max_nonfinite_steps), StopSignal()
+
+    def set_epoch(epoch: int, first_batch: int) -> None:
+        t.sampler.set_epoch(epoch, first_batch)
+        t.dataset.set_epoch(epoch)
+
+    def make_loader():
+        return epoch_loader(t.dataset, t.sampler, run.micro_batch * run.accum, args.num_workers, collate_codes,
+                            device, args.global_seed)
+
+    log.info(f"Training for {args.epochs} epochs ({t.total_steps - t.start.step} steps to go)...")
+    pos, saved, last_saved, error = t.start, t.start.step, None, None
+    for epoch, done, (codes, labels) in epoch_batches(t.start, args.epochs, set_epoch, make_loader):
+        if pos.step >= t.total_steps:
             break
-        sampler.set_epoch(epoch, start_batch if epoch == start_epoch else 0)
-        dataset.set_epoch(epoch)
-        loader = epoch_loader(dataset, sampler, micro_batch * accum, args.num_workers, collate_codes, device,
-                              args.global_seed)
-        batch_in_epoch = start_batch if epoch == start_epoch else 0
-        for codes, labels in loader:
-            if train_steps >= total_steps:
-                break
-            codes = codes.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            losses = []
-            for j, (c, y) in enumerate(zip(codes.split(micro_batch), labels.split(micro_batch))):
-                last = j == accum - 1
-                if args.fsdp:
-                    model.set_requires_gradient_sync(last)
-                ctx = run_model.no_sync() if (not last and isinstance(run_model, DDP)) else nullcontext()
-                with ctx, autocast():
-                    out = run_model(c, y, targets=c)
-                scaler.scale(out.loss / accum).backward()
-                losses.append(out.losses.detach())
-            scaler.unscale_(optimizer)
-            clip = args.max_grad_norm if args.max_grad_norm else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-                grad_norm = grad_norm.full_tensor()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                update_ema(ema, model, args.ema_decay)
-            train_steps += 1
-            batch_in_epoch += 1
-            throughput.update(len(codes) * world)
+        logs, skipped = train_step(t, codes.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+        pos = Position(pos.step + 1, epoch, done)
+        guard.update(skipped)
+        averager.add(logs)
+        throughput.update(len(codes) * run.info.world_size)
 
-            per_factor = torch.stack(losses).mean(0).tolist()
-            averager.add({"loss": sum(per_factor) / len(per_factor), "grad_norm": float(grad_norm),
-                          **{f"loss_{n}": v for n, v in zip(config.factor_names, per_factor)}})
-            if train_steps % args.log_every == 0 or train_steps == total_steps:
-                avg = averager.reduce()
-                avg["lr"] = optimizer.param_groups[0]["lr"]
-                parts = [f"loss={avg['loss']:.4f}"] + [f"{n}={avg[f'loss_{n}']:.4f}" for n in config.factor_names] \
-                    + [f"grad={avg['grad_norm']:.3f}"]
-                report(run, writer, train_steps, total_steps, epoch, avg, throughput.report(total_steps - train_steps),
-                       parts)
-            if train_steps % args.ckpt_every == 0:
-                save(epoch, batch_in_epoch)
-        start_batch = 0
-    if saved_step != train_steps:
-        save(train_steps // steps_per_epoch, train_steps % steps_per_epoch)
+        if pos.step % args.log_every == 0 or pos.step == t.total_steps:
+            check = guard.check()
+            avg = {**averager.reduce(), "lr": t.optimizer.param_groups[0]["lr"], "nonfinite_steps": check.skipped}
+            parts = ([f"loss={avg['loss']:.4f}"] + [f"{n}={avg[f'loss_{n}']:.4f}" for n in t.config.factor_names]
+                     + [f"grad={avg['grad_norm']:.3f}"]
+                     + ([f"skipped {check.skipped} non-finite steps"] if check.skipped else []))
+            report(log, writer, run.metrics_file, pos.step, t.total_steps, epoch, avg,
+                   throughput.report(t.total_steps - pos.step), parts)
+            if check.error:
+                error = check.error
+                break
+        stopping = stop.requested()
+        if pos.step % args.ckpt_every == 0 or stopping:
+            last_saved, saved = t.save(pos), pos.step
+        if stopping:
+            log.info(f"Stopped by {stop.received or 'a signal to another rank'} after step {pos.step}; resume with: "
+                     f"{resume_command()}")
+            break
+    if error is not None:
+        fail(error)
+    if saved != pos.step:
+        last_saved = t.save(pos)
     writer.close()
-    logger.info("Done!")
+    stop.close()
+    log.info("Done!")
     cleanup()
     return last_saved

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from tokenizer.models.fqgan import TokenizerOutput
 
-from .discriminators import DISCRIMINATORS, build_discriminator
+from .discriminators import DISCRIMINATORS
 from .gan import adaptive_gan_weight, adopt_weight, get_disc_loss, get_gen_loss
 from .lpips import LPIPS
 from .semantic import head_class_token, info_nce
@@ -67,14 +67,8 @@ class LossConfig:
             raise ValueError(f"semantic_temperature must be > 0, got {self.semantic_temperature}")
 
 
-def _to_floats(tensors: Sequence[Number]) -> list[float]:
-    """Scalars -> python floats with one device sync for all of them."""
-    vals = [t.detach().float().reshape(()) if isinstance(t, torch.Tensor) else torch.tensor(float(t))
-            for t in tensors]
-    if not vals:
-        return []
-    device = next((v.device for v in vals if v.device.type != "cpu"), torch.device("cpu"))
-    return torch.stack([v.to(device) for v in vals]).tolist()
+def _detached(value: Number) -> Number:
+    return value.detach() if isinstance(value, torch.Tensor) else value
 
 
 @dataclass
@@ -88,19 +82,18 @@ class GeneratorLoss:
     loss: torch.Tensor
     terms: dict[str, torch.Tensor]  # unweighted
     weights: dict[str, Number]  # the factor each term enters ``loss`` with
-    codebook_usage: dict[str, float]  # per factor, fraction of the codebook in the recent-usage window
+    codebook_usage: dict[str, Number]  # per factor, fraction of the codebook in the recent-usage window
     adaptive_weight: Number  # 1 when adaptive weighting is off; 0 while the GAN is off and it was not computed
     disc_factor: float  # 0 before disc_start, 1 after
     disc_weight: float  # the configured disc weight times disc_factor
 
-    def logs(self) -> dict[str, float]:
-        """Every term, the total, the GAN weighting and the codebook usages as python floats."""
-        names = ["loss", *self.terms, "disc_adaptive_weight"]
-        values = _to_floats([self.loss, *self.terms.values(), self.adaptive_weight])
-        out = dict(zip(names, values))
-        out["disc_weight"] = float(self.disc_weight)
-        out["disc_factor"] = float(self.disc_factor)
-        out.update({f"codebook_usage_{k}": float(v) for k, v in self.codebook_usage.items()})
+    def logs(self) -> dict[str, Number]:
+        """Every term, the total, the GAN weighting and the codebook usages, detached (tensors stay on the
+        device: reading them is left to the logging step)."""
+        out = {"loss": self.loss.detach(), **{k: v.detach() for k, v in self.terms.items()},
+               "disc_adaptive_weight": _detached(self.adaptive_weight),
+               "disc_weight": float(self.disc_weight), "disc_factor": float(self.disc_factor)}
+        out.update({f"codebook_usage_{k}": _detached(v) for k, v in self.codebook_usage.items()})
         return out
 
 
@@ -118,9 +111,9 @@ class DiscriminatorLoss:
         """False before disc_start: the loss is exactly 0 and the discriminator update can be skipped."""
         return self.disc_weight > 0
 
-    def logs(self) -> dict[str, float]:
-        loss, adv, real, fake = _to_floats([self.loss, self.disc_adv_loss, self.logits_real, self.logits_fake])
-        return {"disc_loss": loss, "discriminator_adv_loss": adv, "logits_real": real, "logits_fake": fake,
+    def logs(self) -> dict[str, Number]:
+        return {"disc_loss": self.loss.detach(), "discriminator_adv_loss": self.disc_adv_loss.detach(),
+                "logits_real": self.logits_real, "logits_fake": self.logits_fake,
                 "disc_weight": float(self.disc_weight), "disc_factor": float(self.disc_factor)}
 
 
@@ -128,9 +121,11 @@ class FQGANLoss(nn.Module):
     """Reconstruction + perceptual + quantizer + disentanglement + semantic + adversarial losses.
 
     ``factor_names`` (e.g. ``tokenizer.factor_names``) label the per-factor terms; without them factors are
-    labelled by index. The semantic teachers live outside this module: pass their class tokens, one (B, W)
-    tensor per head factor index (``tokenizer.teachers.Teachers`` returns exactly that mapping).
-    ``perceptual`` injects an already built LPIPS module (else it is built from the config)."""
+    labelled by index. The semantic teachers and the discriminator live outside this module (the training
+    loop owns them, with the discriminator's optimizer and DDP wrapper): pass the teachers' class tokens, one
+    (B, W) tensor per head factor index (``tokenizer.teachers.Teachers`` returns exactly that mapping), and the
+    discriminator to each step that runs it. ``perceptual`` injects an already built LPIPS module (else it is
+    built from the config)."""
 
     def __init__(self, config: LossConfig = LossConfig(), factor_names: Sequence[str] = (),
                  perceptual: Optional[nn.Module] = None):
@@ -143,8 +138,6 @@ class FQGANLoss(nn.Module):
                 LPIPS(vgg_path=cfg.vgg_path, pretrained=cfg.lpips_pretrained)
         else:
             self.perceptual = None
-        self.discriminator = build_discriminator(cfg.disc_type, cfg.disc_in_channels, cfg.disc_dim,
-                                                 cfg.disc_num_layers, cfg.image_size)
         self.disc_loss = get_disc_loss(cfg.disc_loss)
         self.gen_loss = get_gen_loss(cfg.gen_loss)
 
@@ -158,14 +151,16 @@ class FQGANLoss(nn.Module):
     # ------------------------------------------------------------------ generator
     def generator_step(self, images: torch.Tensor, output: TokenizerOutput, step: int,
                        teacher_cls: Optional[Mapping[int, torch.Tensor]] = None,
-                       last_layer: Optional[torch.Tensor] = None) -> GeneratorLoss:
+                       last_layer: Optional[torch.Tensor] = None,
+                       discriminator: Optional[nn.Module] = None) -> GeneratorLoss:
         """Tokenizer loss for one batch.
 
         images: the (B, 3, H, W) inputs in [-1, 1]; output: the tokenizer's training-mode forward on them;
         step: the 1-based training step (decides whether the GAN is on); teacher_cls: factor index -> the
         teacher's (B, W) class tokens for every head (not needed when semantic_weight is 0 or the model has no
         heads); last_layer: the decoder's last weight (``tokenizer.decoder.last_layer``), needed only with
-        ``disc_adaptive_weight``."""
+        ``disc_adaptive_weight``; discriminator: needed once the GAN is on (the bare module: its parameters
+        should be frozen here, see ``utils.steps.frozen``)."""
         cfg = self.config
         recon = output.recon.contiguous()
         images = images.contiguous()
@@ -209,7 +204,10 @@ class FQGANLoss(nn.Module):
         disc_weight = cfg.disc_weight * disc_factor
         adaptive: Number = 1.0 if not cfg.disc_adaptive_weight else 0.0
         if disc_weight > 0:
-            g_loss = self.gen_loss(self.discriminator(recon))
+            if discriminator is None:
+                raise ValueError(f"step {step} >= disc_start {cfg.disc_start}: the generator step needs the "
+                                 "discriminator")
+            g_loss = self.gen_loss(discriminator(recon))
             if cfg.disc_adaptive_weight:
                 if last_layer is None:
                     raise ValueError("disc_adaptive_weight needs last_layer=tokenizer.decoder.last_layer")
@@ -247,32 +245,20 @@ class FQGANLoss(nn.Module):
         return pairs
 
     # ------------------------------------------------------------------ discriminator
-    def discriminator_step(self, images: torch.Tensor, recon: Union[torch.Tensor, TokenizerOutput],
-                           step: int, discriminator: Optional[nn.Module] = None) -> DiscriminatorLoss:
+    def discriminator_step(self, discriminator: nn.Module, images: torch.Tensor,
+                           recon: Union[torch.Tensor, TokenizerOutput], step: int) -> DiscriminatorLoss:
         """Discriminator loss on real images vs (detached) reconstructions.
 
         Real and fake batches go through the discriminator separately, as in the original: with PatchGAN's
         BatchNorm the two batches are normalised with their own statistics, which a single concatenated
-        pass would change. ``discriminator`` replaces ``self.discriminator`` for this call: the training loop
-        passes its DistributedDataParallel wrapper, which only this step may run (the generator step uses the
-        bare module with frozen parameters)."""
+        pass would change. The training loop passes its DistributedDataParallel wrapper here, the only step
+        that trains it (the generator step runs the bare module with frozen parameters)."""
         if isinstance(recon, TokenizerOutput):
             recon = recon.recon
-        disc = self.discriminator if discriminator is None else discriminator
-        logits_real = disc(images.contiguous().detach())
-        logits_fake = disc(recon.contiguous().detach())
+        logits_real = discriminator(images.contiguous().detach())
+        logits_fake = discriminator(recon.contiguous().detach())
         disc_factor = self.disc_factor(step)
         disc_weight = self.config.disc_weight * disc_factor
         adv = self.disc_loss(logits_real, logits_fake)
         return DiscriminatorLoss(disc_weight * adv, adv, logits_real.detach().mean(), logits_fake.detach().mean(),
                                  disc_weight, disc_factor)
-
-    def forward(self, optimizer_idx: int, images: torch.Tensor, output: TokenizerOutput, step: int,
-                teacher_cls: Optional[Mapping[int, torch.Tensor]] = None,
-                last_layer: Optional[torch.Tensor] = None) -> Union[GeneratorLoss, DiscriminatorLoss]:
-        """The original's calling convention: ``optimizer_idx`` 0 is the generator step, 1 the discriminator's."""
-        if optimizer_idx == 0:
-            return self.generator_step(images, output, step, teacher_cls, last_layer)
-        if optimizer_idx == 1:
-            return self.discriminator_step(images, output, step)
-        raise ValueError(f"optimizer_idx must be 0 (generator) or 1 (discriminator), got {optimizer_idx}")

@@ -2,7 +2,7 @@
 
 Inside this project each factor is one ``FactorBranch`` (``factors.{i}.*``) and the feature-prediction heads
 live in ``heads.{i}.*``. The released checkpoints (``fqgan_dual_ds16.pt`` ...) name the same tensors after
-the factor instead. The mapping is a pure renaming, one-to-one in both directions:
+the factor instead. The mapping is a pure renaming, one-to-one in both directions, given by the tables below:
 
     factors.{i}.adapter.X          <->  encoder.{visual_head | semantic_head[_mid|_high]}.0.X
     factors.{i}.norm_out.X         <->  encoder.norm_out_{name}.X
@@ -13,7 +13,7 @@ the factor instead. The mapping is a pure renaming, one-to-one in both direction
     encoder.*, post_quant_conv.*, decoder.*   unchanged
 
 Every file this project writes uses the released names, so the original code reads our checkpoints and ours
-reads theirs. ``released_state_dict`` / ``load_released_state_dict`` convert; ``load_tokenizer`` builds the
+reads theirs. ``released_state_dict`` / ``load_tokenizer_weights`` convert; ``load_tokenizer`` builds the
 right model (factor count, VQ-8 / VQ-16, heads or not) from a file alone.
 """
 from __future__ import annotations
@@ -26,38 +26,40 @@ from typing import Any, Mapping, Optional
 import torch
 
 from utils.checkpoint import CheckpointError, atomic_save, check_state_dict, extract_weights, load_file
+from utils.factors import PRESET_FACTORS, preset_of, preset_name
 
-from .fqgan import PRESETS, FactorConfig, FactorizedTokenizer, TokenizerConfig
+from .fqgan import FactorConfig, FactorizedTokenizer, TokenizerConfig, preset_factors
+
+# Released names of the paper's factors' adapters and feature-prediction heads. A factor with any other name
+# gets ``encoder.<name>_head.0`` and ``<name>_feat_pred`` (the rule the released names almost follow).
+RELEASED_ADAPTERS = {"vis": "encoder.visual_head.0", "sem": "encoder.semantic_head.0",
+                     "sem_mid": "encoder.semantic_head_mid.0", "sem_high": "encoder.semantic_head_high.0"}
+RELEASED_HEADS = {"sem": "feat_pred_head", "sem_mid": "mid_sem_feat_pred", "sem_high": "high_sem_feat_pred"}
 
 
-def adapter_key(name: str) -> str:
-    if name == "vis":
-        return "encoder.visual_head.0"
-    if name.startswith("sem"):
-        return f"encoder.semantic_head{name[3:]}.0"
-    return f"encoder.{name}_head.0"
+def released_factor_prefixes(name: str) -> dict[str, str]:
+    """Released prefix of each module of factor ``name``'s branch (keyed by the module's native name)."""
+    return {"adapter": RELEASED_ADAPTERS.get(name, f"encoder.{name}_head.0"),
+            "norm_out": f"encoder.norm_out_{name}",
+            "conv_out": f"encoder.conv_out_{name}",
+            "quant_conv": f"quant_conv_{name}",
+            "quantizer": f"quantize_{name}"}
 
 
-def head_key(name: str) -> str:
-    if name == "sem":
-        return "feat_pred_head"
-    if name.startswith("sem_"):
-        return f"{name[4:]}_sem_feat_pred"
-    return f"{name}_feat_pred"
+def released_head_prefix(name: str) -> str:
+    return RELEASED_HEADS.get(name, f"{name}_feat_pred")
 
 
 def _prefix_map(cfg: TokenizerConfig) -> list[tuple[str, str]]:
-    """(native prefix, released prefix) pairs; longest native prefixes never overlap."""
-    pairs = []
-    for i, f in enumerate(cfg.factors):
-        n = f.name
-        pairs += [(f"factors.{i}.adapter.", adapter_key(n) + "."),
-                  (f"factors.{i}.norm_out.", f"encoder.norm_out_{n}."),
-                  (f"factors.{i}.conv_out.", f"encoder.conv_out_{n}."),
-                  (f"factors.{i}.quant_conv.", f"quant_conv_{n}."),
-                  (f"factors.{i}.quantizer.", f"quantize_{n}.")]
-    for i in cfg.head_factors:
-        pairs.append((f"heads.{i}.", head_key(cfg.factors[i].name) + "."))
+    """(native prefix, released prefix) pairs, each ending in a dot, so no prefix matches another's keys."""
+    pairs = [(f"factors.{i}.{module}.", f"{released}.")
+             for i, f in enumerate(cfg.factors) for module, released in released_factor_prefixes(f.name).items()]
+    pairs += [(f"heads.{i}.", released_head_prefix(cfg.factors[i].name) + ".") for i in cfg.head_factors]
+    released = [r for _, r in pairs]
+    clash = sorted({r for r in released if released.count(r) > 1})
+    if clash:
+        raise ValueError(f"factor names {[f.name for f in cfg.factors]} map to the same released keys ({clash[0]}); "
+                         "rename a factor")
     return pairs
 
 
@@ -76,73 +78,101 @@ def released_state_dict(model: FactorizedTokenizer) -> dict[str, torch.Tensor]:
 
 
 def released_head_prefixes(cfg: TokenizerConfig) -> tuple[str, ...]:
-    return tuple(head_key(cfg.factors[i].name) + "." for i in cfg.head_factors)
+    return tuple(released_head_prefix(cfg.factors[i].name) + "." for i in cfg.head_factors)
 
 
-def load_released_state_dict(model: FactorizedTokenizer, sd: Mapping[str, torch.Tensor],
-                             path: str | os.PathLike = "<state dict>", allow_missing_heads: bool = False) -> None:
+def load_tokenizer_weights(model: FactorizedTokenizer, sd: Mapping[str, torch.Tensor],
+                           path: str | os.PathLike = "<state dict>", allow_missing_heads: bool = False) -> None:
     """Load released-layout weights into ``model``; one CheckpointError lists every key that does not fit.
     With ``allow_missing_heads`` a file without feature-prediction heads loads too (heads stay as they are)."""
     cfg = model.config
     expected = {k: v.shape for k, v in released_state_dict(model).items()}
     optional = released_head_prefixes(cfg) if allow_missing_heads else ()
-    check_state_dict(expected, sd, path, describe(cfg), optional)
+    check_state_dict(expected, sd, path, describe_tokenizer(cfg), optional)
     pairs = _prefix_map(cfg)
     native = {_rename(k, pairs, True): v for k, v in sd.items()}
     model.load_state_dict(native, strict=not allow_missing_heads)
 
 
-def describe(cfg: TokenizerConfig) -> str:
+def describe_tokenizer(cfg: TokenizerConfig) -> str:
     names = [f.name for f in cfg.factors]
-    preset = next((p for p, fs in PRESETS.items() if [f.name for f in fs] == names), None)
-    kind = preset or f"{len(names)}-factor"
+    kind = preset_of(names) or preset_name(len(names))
     vq = {16: "VQ-16", 8: "VQ-8"}.get(cfg.downsample, f"{cfg.downsample}x")
     heads = "with feature heads" if cfg.head_factors else "without feature heads"
     return f"a {kind} {vq} tokenizer (factors {', '.join(names)}; {heads})"
 
 
-_QUANT_RE = re.compile(r"^quantize_(.+)\.embedding\.weight$")
+def check_tokenizer_flags(args, model: FactorizedTokenizer) -> None:
+    """Command-line flags that describe the model (``--vq-model``, ``--codebook-size``, ``--codebook-embed-dim``;
+    None when not given) must agree with the checkpoint ``--vq-ckpt``, which is what gets built."""
+    cfg = model.config
+    have = {"--vq-model": f"VQ-{cfg.downsample}", "--codebook-size": cfg.codebook_size,
+            "--codebook-embed-dim": cfg.codebook_embed_dim}
+    given = {"--vq-model": args.vq_model, "--codebook-size": args.codebook_size,
+             "--codebook-embed-dim": args.codebook_embed_dim}
+    for flag, value in given.items():
+        if value is not None and value != have[flag]:
+            raise CheckpointError(f"{flag} {value} does not match {args.vq_ckpt}, which holds "
+                                  f"{describe_tokenizer(cfg)} with {flag} {have[flag]}")
 
 
-def infer_config(sd: Mapping[str, torch.Tensor], path: str | os.PathLike = "<state dict>",
-                 **overrides) -> TokenizerConfig:
+# Released keys whose names carry a config field, by named group.
+_QUANTIZER = re.compile(r"^quantize_(?P<factor>.+)\.embedding\.weight$")
+_ENCODER_RES = re.compile(r"^encoder\.conv_blocks\.(?P<level>\d+)\.res\.(?P<block>\d+)\.conv1\.weight$")
+_LAYER = re.compile(r"^(?P<module>.+)\.transformer\.(?P<layer>\d+)\.ln_1\.weight$")
+
+
+def _layer_counts(sd: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Transformer depth of every adapter and head, keyed by its released prefix."""
+    depth: dict[str, int] = {}
+    for k in sd:
+        m = _LAYER.match(k)
+        if m:
+            depth[m["module"]] = max(depth.get(m["module"], 0), int(m["layer"]) + 1)
+    return depth
+
+
+def infer_tokenizer_config(sd: Mapping[str, torch.Tensor], path: str | os.PathLike = "<state dict>",
+                           **overrides) -> TokenizerConfig:
     """Rebuild the TokenizerConfig of released-layout weights from their keys and shapes."""
-    names = [m.group(1) for k in sd for m in [_QUANT_RE.match(k)] if m]
+    names = [m["factor"] for m in map(_QUANTIZER.match, sd) if m]
     if not names or "encoder.conv_in.weight" not in sd:
         raise CheckpointError(f"{path}: not FQGAN tokenizer weights (no encoder.conv_in / quantize_* keys; "
                               f"first keys: {list(sd)[:5]})")
-    preset_factors = next((fs for fs in PRESETS.values() if {f.name for f in fs} == set(names)), None)
-    if preset_factors is not None:
-        factors = list(preset_factors)
+    preset = next((p for p, fs in PRESET_FACTORS.items() if set(fs) == set(names)), None)
+    if preset is not None:
+        factors = list(preset_factors(preset))
     else:  # a custom factor set: visual first, then the rest in file order
         factors = [FactorConfig(n) for n in sorted(names, key=lambda n: n != "vis")]
+    res_blocks: dict[int, set[int]] = {}
+    for m in map(_ENCODER_RES.match, sd):
+        if m:
+            res_blocks.setdefault(int(m["level"]), set()).add(int(m["block"]))
+    depth = _layer_counts(sd)
     try:
         ch = sd["encoder.conv_in.weight"].shape[0]
-        levels = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.conv_blocks.")})
-        ch_mult = tuple(sd[f"encoder.conv_blocks.{i}.res.0.conv1.weight"].shape[0] // ch for i in levels)
-        num_res = len({k.split(".")[4] for k in sd if k.startswith("encoder.conv_blocks.0.res.")})
-        emb = sd[f"quantize_{factors[0].name}.embedding.weight"]
-        adapter = adapter_key(factors[0].name)
-        pos = sd[f"{adapter}.positional_embedding"]
-        adapter_layers = len({k.split(".")[4] for k in sd if k.startswith(f"{adapter}.transformer.")})
-        head_layers = 3
-        with_heads = False
-        for i, f in enumerate(factors):
-            ce = sd.get(f"{head_key(f.name)}.class_embedding")
-            if ce is not None:
-                with_heads = True
-                factors[i] = dataclasses.replace(f, head_width=ce.shape[-1])
-                head_layers = len({k.split(".")[2] for k in sd if k.startswith(f"{head_key(f.name)}.transformer.")})
+        ch_mult = tuple(sd[f"encoder.conv_blocks.{level}.res.0.conv1.weight"].shape[0] // ch
+                        for level in sorted(res_blocks))
+        codebook = sd[f"quantize_{factors[0].name}.embedding.weight"]
+        adapter = released_factor_prefixes(factors[0].name)["adapter"]
+        positions = sd[f"{adapter}.positional_embedding"].shape[0]
         z_channels = sd["decoder.conv_in.weight"].shape[1]
     except (KeyError, IndexError) as e:
         raise CheckpointError(f"{path}: incomplete FQGAN tokenizer weights (missing {e})") from None
+    head_layers = 3
+    for i, f in enumerate(factors):
+        head = released_head_prefix(f.name)
+        if f"{head}.class_embedding" in sd:
+            factors[i] = dataclasses.replace(f, head_width=sd[f"{head}.class_embedding"].shape[-1])
+            head_layers = depth.get(head, head_layers)
     downsample = 2 ** (len(ch_mult) - 1)
-    grid = int(round(pos.shape[0] ** 0.5))
-    kwargs = dict(factors=tuple(factors), ch_mult=ch_mult, ch=ch, num_res_blocks=num_res, z_channels=z_channels,
-                  codebook_size=emb.shape[0], codebook_embed_dim=emb.shape[1], adapter_layers=adapter_layers,
-                  head_layers=head_layers, with_feature_heads=with_heads, base_image_size=grid * downsample)
-    kwargs.update(overrides)
-    return TokenizerConfig(**kwargs)
+    fields = dict(factors=tuple(factors), ch_mult=ch_mult, ch=ch, num_res_blocks=len(res_blocks[0]),
+                  z_channels=z_channels, codebook_size=codebook.shape[0], codebook_embed_dim=codebook.shape[1],
+                  adapter_layers=depth.get(adapter, 0), head_layers=head_layers,
+                  with_feature_heads=any(f"{released_head_prefix(f.name)}.class_embedding" in sd for f in factors),
+                  base_image_size=round(positions ** 0.5) * downsample)
+    fields.update(overrides)
+    return TokenizerConfig(**fields)
 
 
 def load_tokenizer(path: str | os.PathLike, map_location: str | torch.device = "cpu",
@@ -155,13 +185,12 @@ def load_tokenizer(path: str | os.PathLike, map_location: str | torch.device = "
     arguments override config fields that weights cannot tell (e.g. ``entropy_loss_ratio``)."""
     ckpt = load_file(path, map_location)
     sd, _ = extract_weights(ckpt, path, prefer)
-    cfg = infer_config(sd, path, **overrides)
+    cfg = infer_tokenizer_config(sd, path, **overrides)
     if expect_factors is not None and cfg.num_factors != expect_factors:
-        entry = {2: "dual", 3: "triple"}.get(cfg.num_factors, "matching")
-        raise CheckpointError(f"{path}: holds {describe(cfg)}, but {expect_factors} factors were expected "
-                              f"(use the {entry} entry point)")
+        raise CheckpointError(f"{path}: holds {describe_tokenizer(cfg)}, but {expect_factors} factors were "
+                              f"expected (use the {preset_name(cfg.num_factors)} entry point)")
     model = FactorizedTokenizer(cfg)
-    load_released_state_dict(model, sd, path)
+    load_tokenizer_weights(model, sd, path)
     return model.eval()
 
 

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.factors import PRESET_FACTORS
+
 from .blocks import group_norm, swish
 from .convnet import Decoder, EncoderTrunk
 from .heads import FactorAdapter, FeaturePredictionHead
@@ -35,16 +37,25 @@ class FactorConfig:
     teacher: Optional[str] = None
 
 
-DUAL_FACTORS = (
-    FactorConfig("vis"),
-    FactorConfig("sem", head_width=1024, teacher="openai/clip-vit-large-patch14"),
-)
-TRIPLE_FACTORS = (
-    FactorConfig("vis"),
-    FactorConfig("sem_mid", head_width=384, teacher="facebook/dinov2-small"),
-    FactorConfig("sem_high", head_width=768, teacher="openai/clip-vit-base-patch16"),
-)
-PRESETS = {"dual": DUAL_FACTORS, "triple": TRIPLE_FACTORS}
+# The paper's semantic factors: feature-head width and the teacher that supervises it (the width is the
+# teacher's class-token width). Factor names and their order per preset live in utils.factors.
+SEMANTIC_TEACHERS = {
+    "sem": (1024, "openai/clip-vit-large-patch14"),
+    "sem_mid": (384, "facebook/dinov2-small"),
+    "sem_high": (768, "openai/clip-vit-base-patch16"),
+}
+
+
+def preset_factors(preset: str) -> tuple[FactorConfig, ...]:
+    """The factor configs of a preset (``dual`` / ``triple``): visual first, then the semantic factors with
+    their heads and teachers."""
+    if preset not in PRESET_FACTORS:
+        raise ValueError(f"unknown tokenizer preset {preset!r}; choose from {sorted(PRESET_FACTORS)}")
+    return tuple(FactorConfig(name, *SEMANTIC_TEACHERS.get(name, (0, None))) for name in PRESET_FACTORS[preset])
+
+
+DUAL_FACTORS = preset_factors("dual")
+TRIPLE_FACTORS = preset_factors("triple")
 
 
 @dataclass(frozen=True)
@@ -99,11 +110,9 @@ class TokenizerConfig:
 
 def tokenizer_config(preset: str = "dual", vq_model: str = "VQ-16", **overrides) -> TokenizerConfig:
     """Config of a preset (``dual`` / ``triple``) at a downsampling (``VQ-16`` / ``VQ-8``), with overrides."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown tokenizer preset {preset!r}; choose from {sorted(PRESETS)}")
     if vq_model not in VQ_CH_MULT:
         raise ValueError(f"unknown --vq-model {vq_model!r}; choose from {sorted(VQ_CH_MULT)}")
-    return TokenizerConfig(**{"factors": PRESETS[preset], "ch_mult": VQ_CH_MULT[vq_model], **overrides})
+    return TokenizerConfig(**{"factors": preset_factors(preset), "ch_mult": VQ_CH_MULT[vq_model], **overrides})
 
 
 @dataclass
@@ -114,7 +123,7 @@ class FactorOutput:
     codebook_loss: Optional[torch.Tensor]
     commit_loss: Optional[torch.Tensor]
     entropy_loss: Optional[torch.Tensor]
-    usage: float
+    usage: torch.Tensor  # () fraction of the codebook used recently (training only, else 0)
 
 
 @dataclass

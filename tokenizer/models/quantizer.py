@@ -23,7 +23,7 @@ class QuantizerOutput(NamedTuple):
     codebook_loss: Optional[torch.Tensor]  # training only
     commit_loss: Optional[torch.Tensor]  # training only, already times beta
     entropy_loss: Optional[torch.Tensor]  # training only, already times the entropy ratio
-    usage: float  # fraction of the codebook seen in the recent-usage window (training only, else 0)
+    usage: torch.Tensor  # () fraction of the codebook seen in the recent-usage window (training only, else 0)
 
 
 def entropy_loss(affinity: torch.Tensor, temperature: float = 0.01) -> torch.Tensor:
@@ -83,7 +83,7 @@ class VectorQuantizer(nn.Module):
         return self.codebook()[indices].permute(0, 3, 1, 2)
 
     @torch.no_grad()
-    def _track_usage(self, indices: torch.Tensor) -> float:
+    def _track_usage(self, indices: torch.Tensor) -> torch.Tensor:
         n = indices.numel()
         buf = self.codebook_used
         if n >= buf.numel():
@@ -91,7 +91,10 @@ class VectorQuantizer(nn.Module):
         else:
             buf.copy_(torch.cat([buf[n:], indices.to(buf.dtype)]))
         # Like the original, the window starts zero-filled, so code 0 counts as used until it is flushed out.
-        return torch.unique(buf).numel() / self.codebook_size
+        # Distinct codes counted with a scatter (a fixed-size result, unlike torch.unique): no host sync and no
+        # graph break under torch.compile.
+        seen = torch.zeros(self.codebook_size, device=buf.device).index_fill_(0, buf.long(), 1.0)
+        return seen.mean()
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         # Always in float32, also under bf16 / fp16 autocast: nearest-code search among 16384 unit vectors
@@ -107,7 +110,7 @@ class VectorQuantizer(nn.Module):
         flat = z.reshape(-1, d)
         e = self.codebook()
         losses = (None, None, None)
-        usage = 0.0
+        usage = flat.new_zeros(())
         if self.training:
             if self.entropy_ratio:
                 dist = self._distances(flat, e)
