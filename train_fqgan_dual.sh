@@ -6,15 +6,22 @@
 # Environment: FACTORS (dual | triple), DATA_PATH, EXP_NAME, NNODES, NPROC_PER_NODE, NODE_RANK, MASTER_ADDR, MASTER_PORT, PYTHON.
 # Extra arguments are passed to tokenizer/vq_train_<FACTORS>.py and override the defaults below
 # (e.g. --vq-model VQ-8, --ema, --auto-resume, --teacher-sem /models/clip-vit-large-patch14).
+#
+# The paper trained on 8 GPUs x 32 images. The images of one forward pass are also the InfoNCE negatives, the
+# entropy loss's batch average and the PatchGAN's BatchNorm statistics, so on fewer GPUs the script keeps 32
+# images per forward pass with gradient accumulation (printed below); --gradient-accumulation-steps overrides.
 set -euo pipefail
 source "$(dirname "$0")/scripts_common.sh"
 FACTORS=${FACTORS:-dual}
+GLOBAL_BATCH=$(flag_value --global-batch-size 256 "$@")
+ACCUM=$(recipe_accumulation "$GLOBAL_BATCH" 32 "$@")
 set -x
 launch 8988 tokenizer/vq_train_${FACTORS}.py \
   --data-path "${DATA_PATH:-/data/ImageNet/train}" \
   --image-size 256 \
   --vq-model VQ-16 \
   --global-batch-size 256 \
+  --gradient-accumulation-steps "$ACCUM" \
   --codebook-size 16384 \
   --codebook-embed-dim 8 \
   --entropy-loss-ratio 0.03 \

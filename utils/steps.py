@@ -95,7 +95,7 @@ class NonFiniteGuard:
         self.limit = limit
         self.skipped = torch.zeros((), device=device)  # since the last check
         self.streak = torch.zeros((), device=device)   # consecutive skipped steps up to now
-        self.longest = torch.zeros((), device=device)  # longest streak since the last check
+        self.longest = torch.zeros((), device=device)  # longest streak seen since the last check
 
     def update(self, skipped: torch.Tensor) -> None:
         s = skipped.float()
@@ -106,7 +106,7 @@ class NonFiniteGuard:
     def check(self) -> NonFiniteCheck:
         skipped, longest = (int(v) for v in torch.stack([self.skipped, self.longest]).tolist())
         self.skipped.zero_()
-        self.longest.copy_(self.streak)
+        self.longest.zero_()  # a streak still going on keeps counting from where it is
         error = None
         if self.limit and longest >= self.limit:
             error = (f"{longest} optimizer steps in a row had a non-finite loss or gradient (--max-nonfinite-steps "

@@ -65,7 +65,11 @@ class VectorQuantizer(nn.Module):
 
     def _distances(self, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         # ||z||^2 + ||e||^2 - 2 z.e, in the original's order of operations (near-ties resolve identically).
-        return torch.sum(z ** 2, dim=1, keepdim=True) + torch.sum(e ** 2, dim=1) - 2 * (z @ e.t())
+        # On a GPU the product runs in float64: with TF32 allowed (the evaluation scripts allow it for speed)
+        # PyTorch runs float32 matmuls with 10-bit mantissas, which flips near-tie codes; float64 is never
+        # TF32, and with 8-dimensional codes it costs next to nothing.
+        dot = (z.double() @ e.double().t()).to(z.dtype) if z.is_cuda else z @ e.t()
+        return torch.sum(z ** 2, dim=1, keepdim=True) + torch.sum(e ** 2, dim=1) - 2 * dot
 
     @torch.no_grad()
     def nearest(self, z: torch.Tensor, e: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -1,0 +1,143 @@
+"""Faults during training: a preemption signal (SIGTERM through torchrun, SIGUSR1 to one process) stops every rank
+after its step with a checkpoint that resumes exactly; non-finite losses skip the update and, in a row, stop the
+run without a bad checkpoint."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from test_far_pipeline import FAR_TINY, setup  # noqa: F401  (the module-scoped code store fixture)
+from test_reconstruction_eval import free_port
+from test_tokenizer_training import TINY, data  # noqa: F401
+from utils.steps import NonFiniteGuard, optimizer_step
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def interrupt(cmd: list, metrics_file: Path, sig: int, cwd: Path, after_steps: int = 2):
+    """Start ``cmd``, send ``sig`` once ``metrics_file`` shows ``after_steps`` logged steps, wait for the exit."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=cwd, env=env)
+    deadline = time.time() + 240
+    while len(metrics(metrics_file)) < after_steps and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err
+
+
+def torchrun_cmd(script: str, *args) -> list:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1", "--node_rank=0",
+            f"--master_port={free_port()}", ROOT / script, *args]
+
+
+def sigterm_torchrun(root: Path, name: str, common: list) -> int:
+    """Train under torchrun, SIGTERM the launcher after two steps; the step every rank stopped after."""
+    exp = root / "results" / f"FAR-T-{name}"
+    code, out, err = interrupt(torchrun_cmd(*common, "--exp-name", name), exp / "metrics.jsonl", signal.SIGTERM,
+                               root)
+    stopped = metrics(exp / "metrics.jsonl")[-1]["step"]
+    assert f"Stopped by SIGTERM after step {stopped}; resume with:" in out, err[-3000:]
+    assert "--auto-resume" in out and "Traceback" not in out
+    assert sorted(p.name for p in (exp / "checkpoints").iterdir()) == [f"{stopped:07d}.pt"]  # one, complete
+    return stopped
+
+
+def test_sigterm_under_fsdp_gathers_a_full_checkpoint(setup):  # noqa: F811
+    common = ["autoregressive/train/train_c2i_dual.py", "--code-path", setup / "codes", *FAR_TINY,
+              "--global-batch-size", "4", "--ckpt-every", "1000", "--fsdp"]
+    stopped = sigterm_torchrun(setup, "preempt-fsdp", common)
+    ckpt = torch.load(setup / "results" / "FAR-T-preempt-fsdp" / "checkpoints" / f"{stopped:07d}.pt",
+                      weights_only=False)
+    assert ckpt["model"]["norm.weight"].shape == (256,) and len(ckpt["resume"]["rng"]) == 2
+
+
+def test_sigterm_through_torchrun_checkpoints_and_resumes_exactly(setup):  # noqa: F811
+    root, name = setup, "preempt"
+    common = ["autoregressive/train/train_c2i_dual.py", "--code-path", root / "codes", *FAR_TINY,
+              "--global-batch-size", "4", "--ckpt-every", "1000"]
+    exp = root / "results" / f"FAR-T-{name}"
+    stopped = sigterm_torchrun(root, name, common)
+
+    r = subprocess.run([str(c) for c in torchrun_cmd(*common, "--exp-name", name, "--auto-resume", "--max-steps",
+                                                      stopped + 2)], capture_output=True, text=True, cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"checkpoints/{stopped:07d}.pt: step {stopped}" in r.stdout
+    resumed = metrics(exp / "metrics.jsonl")
+    assert [m["step"] for m in resumed] == list(range(1, stopped + 3))
+
+    r = subprocess.run([str(c) for c in torchrun_cmd(*common, "--exp-name", name + "-ref", "--max-steps",
+                                                      stopped + 2)], capture_output=True, text=True, cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    reference = metrics(root / "results" / f"FAR-T-{name}-ref" / "metrics.jsonl")
+    for a, b in zip(reference, resumed):  # dropout and label dropout included
+        assert a["step"] == b["step"] and a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"]
+
+
+def test_sigusr1_stops_one_tokenizer_process_cleanly(data, tmp_path):  # noqa: F811
+    cmd = [sys.executable, ROOT / "tokenizer/vq_train_dual.py", "--data-path", data, *TINY,
+           "--global-batch-size", "2", "--ckpt-every", "1000", "--disc-start", "2", "--exp-name", "u"]
+    exp = tmp_path / "results_tokenizer_image" / "VQ-16-u"
+    code, out, err = interrupt(cmd, exp / "metrics.jsonl", signal.SIGUSR1, tmp_path, after_steps=1)
+    assert code == 0, err[-3000:]
+    stopped = metrics(exp / "metrics.jsonl")[-1]["step"]
+    assert f"Stopped by SIGUSR1 after step {stopped}" in out
+    ckpt = torch.load(exp / "checkpoints" / f"{stopped:07d}.pt", weights_only=False)
+    assert ckpt["steps"] == stopped and {"discriminator", "optimizer_disc", "resume"} <= set(ckpt)
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(setup):  # noqa: F811
+    # lr 1e30: the first update is finite but enormous, every later loss is inf/nan.
+    root = setup
+    r = subprocess.run([sys.executable, ROOT / "autoregressive/train/train_c2i_dual.py", "--code-path",
+                        root / "codes", *FAR_TINY, "--global-batch-size", "4", "--lr", "1e30", "--ckpt-every", "2",
+                        "--max-steps", "20", "--max-nonfinite-steps", "3", "--exp-name", "nan"],
+                       capture_output=True, text=True, cwd=root)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "3 optimizer steps in a row" in r.stderr.strip().splitlines()[-1]
+    exp = root / "results" / "FAR-T-nan"
+    logged = metrics(exp / "metrics.jsonl")
+    assert [m["nonfinite_steps"] for m in logged] == [0, 1, 1, 1]
+    for ckpt in (exp / "checkpoints").iterdir():  # never a checkpoint with non-finite weights
+        weights = torch.load(ckpt, weights_only=False)["model"]
+        assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_optimizer_step_skips_nonfinite_gradients_on_the_device():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    guard = NonFiniteGuard(torch.device("cpu"), limit=2)
+
+    def step(loss_scale: float):
+        opt.zero_grad()
+        (model(torch.ones(3, 4)).sum() * loss_scale).backward()
+        return optimizer_step(opt, scaler, model.parameters(), max_grad_norm=1.0)
+
+    norm, skipped = step(1.0)
+    assert not skipped and float(norm) > 0
+    guard.update(skipped)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    steps_before = [s["step"].clone() for s in opt.state.values()]
+    for _ in range(2):
+        norm, skipped = step(float("nan"))
+        assert skipped and not torch.isfinite(norm)
+        guard.update(skipped)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # untouched
+        assert all(torch.equal(a, s["step"]) for a, s in zip(steps_before, opt.state.values()))
+    check = guard.check()
+    assert check.skipped == 2 and "2 optimizer steps in a row" in check.error
+    _, skipped = step(1.0)
+    guard.update(skipped)
+    assert not skipped and guard.check() == (0, None)
