@@ -1,97 +1,112 @@
-"""One full tokenizer training step, as tokenizer/train.py runs it; prints ONE JSON line.
+"""Tokenizer training steps as tokenizer/train.py runs them (its own build() and train_step()); ONE JSON line per
+step kind.
 
-    python benchmarks/train_tokenizer.py                      # VQ-16 dual, batch 2, 256x256
-    python benchmarks/train_tokenizer.py --device cpu --iters 2
+    python benchmarks/train_tokenizer.py                                  # GPU: VQ-16 dual, batch 32, bf16
+    python benchmarks/train_tokenizer.py --compile --steps model,full
+    python benchmarks/train_tokenizer.py --device cpu --batch-size 2 --iters 1
 
-A step is the generator update (forward, LPIPS, quantizer/disentanglement losses, GAN generator loss through
-the PatchGAN, backward, clipping, Adam) plus the discriminator update. LPIPS uses the real VGG16 weights when
-they are in the torch hub cache, else random ones (same cost); semantic teachers are used only when present
-offline (--teachers). Random images; speed does not depend on content.
+Step kinds:
+  model  the tokenizer update alone: reconstruction MSE, quantizer losses (entropy 0.03), disentanglement, the
+         feature heads' forward, backward, clipping, Adam; the discriminator is idle (before --disc-start).
+  full   the recipe after --disc-start: the same plus LPIPS and the PatchGAN generator loss, then the
+         discriminator update.
+No semantic teacher runs in either (none can be downloaded here): the heads are computed without their loss.
+Weights are random (LPIPS' VGG16 too, written to a temporary file in torchvision's layout; the cost is the same);
+the batch is random and already on the device, so data loading is not timed.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torchvision  # noqa: E402
+from PIL import Image  # noqa: E402
 
-from benchmarks.tokenizer import _peak_memory_gb, _sync, autocast_for  # noqa: E402
-from tokenizer.losses import LPIPS, FQGANLoss, LossConfig, MissingWeightsError, build_discriminator  # noqa: E402
-from tokenizer.models import FactorizedTokenizer, tokenizer_config  # noqa: E402
-from utils.steps import frozen  # noqa: E402
+from benchmarks.tokenizer import _peak_memory_gb, _sync  # noqa: E402
+from tokenizer.train import build, get_parser, train_step  # noqa: E402
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="dual", choices=["dual", "triple"])
-    p.add_argument("--vq-model", default="VQ-16", choices=["VQ-16", "VQ-8"])
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--iters", type=int, default=3)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--teachers", action="store_true", help="load the preset's teachers (must be available offline)")
-    args = p.parse_args(argv)
+def random_image_folder(root: Path, n: int, size: int) -> Path:
+    rng = np.random.default_rng(0)
+    (root / "c").mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / "c" / f"{i}.png")
+    return root
 
-    device = torch.device(args.device)
-    amp, dtype_name = autocast_for(device, args.dtype)
-    torch.manual_seed(0)
-    cfg = tokenizer_config(args.preset, args.vq_model, entropy_loss_ratio=0.03, disentanglement_ratio=0.1,
-                           with_feature_heads=args.teachers)
-    model = FactorizedTokenizer(cfg).to(device).train()
-    try:
-        lpips, vgg = LPIPS(), "imagenet"
-    except MissingWeightsError:
-        lpips, vgg = LPIPS(pretrained=False), "random"
-    loss_fn = FQGANLoss(LossConfig(disc_start=0), model.factor_names, perceptual=lpips).to(device).train()
-    teachers = None
-    if args.teachers:
-        from tokenizer.teachers import load_teachers
-        teachers = load_teachers(cfg).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
-    disc = build_discriminator().to(device).train()
-    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-4, betas=(0.9, 0.95))
+
+def random_vgg16(path: Path) -> Path:
+    torch.save(torchvision.models.vgg16(weights=None).state_dict(), path)
+    return path
+
+
+def run(kind: str, args, tmp: Path) -> dict:
+    flags = ["--data-path", str(tmp / "data"), "--results-dir", str(tmp / "results"), "--exp-name", kind,
+             "--vq-model", args.vq_model, "--image-size", str(args.image_size),
+             "--global-batch-size", str(args.batch_size), "--num-workers", "0", "--device", args.device,
+             "--mixed-precision", args.mixed_precision, "--entropy-loss-ratio", "0.03", "--with_disentanglement",
+             "--channels-last", args.channels_last, "--log-every", "1000000", "--no-local-save",
+             "--with_clip_supervision", "--semantic-weight", "0"]  # the heads run; no teacher, no semantic loss
+    if kind == "model":
+        flags += ["--perceptual-weight", "0", "--disc-start", "1000000"]
+    else:
+        flags += ["--perceptual-weight", "1", "--vgg-path", str(tmp / "vgg16.pth"), "--disc-start", "0"]
+    flags += ["--compile"] if args.compile else []
+    t = build(get_parser(args.preset).parse_args(flags), args.preset)
+    device = t.run.info.device
     x = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1
-
-    def step():
-        with amp():
-            out = model(x)
-            cls = teachers(x) if teachers is not None else None
-            with frozen(disc):
-                gl = loss_fn.generator_step(x, out, step=1, teacher_cls=cls, discriminator=disc)
-        gl.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        with amp():
-            dl = loss_fn.discriminator_step(disc, x, out.recon.detach(), step=1)
-        dl.loss.backward()
-        opt_d.step()
-        opt_d.zero_grad(set_to_none=True)
-
-    step()  # warm-up (allocations, cuDNN autotuning)
+    t0 = time.perf_counter()
+    train_step(t, x, 1)  # warm-up: compilation, cuDNN autotuning, allocations
+    _sync(device)
+    compile_s = time.perf_counter() - t0
+    train_step(t, x, 2)
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t = time.perf_counter()
-    for _ in range(args.iters):
-        step()
+    t0 = time.perf_counter()
+    for i in range(args.iters):
+        logs, _, _ = train_step(t, x, 3 + i)
     _sync(device)
-    sec = (time.perf_counter() - t) / args.iters
-    result = {"benchmark": "train_tokenizer", "preset": args.preset, "vq_model": args.vq_model,
-              "batch_size": args.batch_size, "image_size": args.image_size,
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "threads": torch.get_num_threads(), "dtype": dtype_name, "lpips_vgg": vgg,
-              "teachers": bool(args.teachers), "seconds_per_step": round(sec, 4), "steps_per_s": round(1 / sec, 4),
-              "images_per_s": round(args.batch_size / sec, 3), "peak_memory_gb": round(_peak_memory_gb(device), 3),
-              "torch": torch.__version__}
-    print(json.dumps(result))
-    return result
+    sec = (time.perf_counter() - t0) / args.iters
+    return {"benchmark": "train_tokenizer", "step": kind, "preset": args.preset, "vq_model": args.vq_model,
+            "batch_size": args.batch_size, "image_size": args.image_size,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "mixed_precision": args.mixed_precision if device.type == "cuda" else "fp32",
+            "compile": args.compile, "channels_last": args.channels_last, "seconds_per_step": round(sec, 4),
+            "images_per_s": round(args.batch_size / sec, 2), "peak_memory_gb": round(_peak_memory_gb(device), 2),
+            "first_step_s": round(compile_s, 1), "loss": round(float(logs["loss"]), 4), "torch": torch.__version__}
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="dual", choices=["dual", "triple"])
+    p.add_argument("--vq-model", default="VQ-16", choices=["VQ-16", "VQ-8"])
+    p.add_argument("--batch-size", type=int, default=None, help="default: 32 on a GPU (the recipe's), 2 on CPU")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--steps", default="model,full", help="comma-separated step kinds: model, full")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--mixed-precision", default="bf16", choices=["none", "bf16", "fp16"])
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
+    args = p.parse_args(argv)
+    args.batch_size = args.batch_size or (32 if args.device.startswith("cuda") else 2)
+    results = []
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        random_image_folder(tmp / "data", args.batch_size, 64)
+        random_vgg16(tmp / "vgg16.pth")
+        for kind in args.steps.split(","):
+            results.append(run(kind, args, tmp))
+            print(json.dumps(results[-1]), flush=True)
+    return results
 
 
 if __name__ == "__main__":

@@ -10,3 +10,36 @@ ROOT = Path(__file__).resolve().parents[1]
 for p in (str(ROOT), str(ROOT / "tests")):
     if p not in sys.path:
         sys.path.insert(0, p)
+
+
+# ---------------------------------------------------------------------------------------------- shared fixtures
+# Session-scoped: several test modules train on the same tiny data.
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """8 photo crops in 2 classes: tokenizer training data."""
+    from demo.photos import build_photo_folder
+
+    return build_photo_folder(tmp_path_factory.mktemp("train"), per_class=4, size=40, classes=["cat", "coffee"])
+
+
+@pytest.fixture(scope="session")
+def setup(tmp_path_factory):
+    """A folder with tiny dual / triple tokenizers and the dual one's ten-crop code store of 12 photos."""
+    from demo.photos import build_photo_folder
+    from test_reconstruction_eval import torchrun
+    from tiny import tiny_tokenizer_config
+    from tokenizer.models import FactorizedTokenizer, save_tokenizer
+
+    root = tmp_path_factory.mktemp("far")
+    data = build_photo_folder(root / "data", per_class=4, size=40, classes=["astronaut", "cat", "rocket"])
+    torch.manual_seed(0)
+    save_tokenizer(root / "dual.pt", FactorizedTokenizer(tiny_tokenizer_config(2)))
+    save_tokenizer(root / "triple.pt", FactorizedTokenizer(tiny_tokenizer_config(3)))
+    r = torchrun("autoregressive/train/extract_codes_c2i_dual_code.py", "--vq-ckpt", root / "dual.pt",
+                 "--codebook-size", 64, "--data-path", data, "--code-path", root / "codes", "--image-size", 32,
+                 "--ten-crop", "--crop-range", 1.1, "--num-workers", 0, cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return root

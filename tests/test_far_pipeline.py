@@ -12,8 +12,6 @@ import torch
 from autoregressive.data.code_store import CodeDataset
 from demo.photos import build_photo_folder
 from test_reconstruction_eval import torchrun
-from tiny import tiny_tokenizer_config
-from tokenizer.models import FactorizedTokenizer, save_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 FAR_TINY = ["--gpt-model", "FAR-T", "--vocab-size", "64", "--image-size", "32", "--downsample-size", "4",
@@ -22,20 +20,6 @@ FAR_TINY = ["--gpt-model", "FAR-T", "--vocab-size", "64", "--image-size", "32", 
 
 def metrics(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("far")
-    data = build_photo_folder(root / "data", per_class=4, size=40, classes=["astronaut", "cat", "rocket"])
-    torch.manual_seed(0)
-    save_tokenizer(root / "dual.pt", FactorizedTokenizer(tiny_tokenizer_config(2)))
-    save_tokenizer(root / "triple.pt", FactorizedTokenizer(tiny_tokenizer_config(3)))
-    r = torchrun("autoregressive/train/extract_codes_c2i_dual_code.py", "--vq-ckpt", root / "dual.pt",
-                 "--codebook-size", 64, "--data-path", data, "--code-path", root / "codes", "--image-size", 32,
-                 "--ten-crop", "--crop-range", 1.1, "--num-workers", 0, cwd=root)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return root
 
 
 def test_extracted_code_store(setup):

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from test_far_pipeline import FAR_TINY, setup  # noqa: F401  (the module-scoped code store fixture)
+from test_far_pipeline import FAR_TINY
 from test_reconstruction_eval import free_port
-from test_tokenizer_training import TINY, data  # noqa: F401
+from test_tokenizer_training import TINY
 from utils.steps import NonFiniteGuard, optimizer_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def sigterm_torchrun(root: Path, name: str, common: list) -> int:
     return stopped
 
 
-def test_sigterm_under_fsdp_gathers_a_full_checkpoint(setup):  # noqa: F811
+def test_sigterm_under_fsdp_gathers_a_full_checkpoint(setup):
     common = ["autoregressive/train/train_c2i_dual.py", "--code-path", setup / "codes", *FAR_TINY,
               "--global-batch-size", "4", "--ckpt-every", "1000", "--fsdp"]
     stopped = sigterm_torchrun(setup, "preempt-fsdp", common)
@@ -62,7 +62,7 @@ def test_sigterm_under_fsdp_gathers_a_full_checkpoint(setup):  # noqa: F811
     assert ckpt["model"]["norm.weight"].shape == (256,) and len(ckpt["resume"]["rng"]) == 2
 
 
-def test_sigterm_through_torchrun_checkpoints_and_resumes_exactly(setup):  # noqa: F811
+def test_sigterm_through_torchrun_checkpoints_and_resumes_exactly(setup):
     root, name = setup, "preempt"
     common = ["autoregressive/train/train_c2i_dual.py", "--code-path", root / "codes", *FAR_TINY,
               "--global-batch-size", "4", "--ckpt-every", "1000"]
@@ -84,7 +84,7 @@ def test_sigterm_through_torchrun_checkpoints_and_resumes_exactly(setup):  # noq
         assert a["step"] == b["step"] and a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"]
 
 
-def test_sigusr1_stops_one_tokenizer_process_cleanly(data, tmp_path):  # noqa: F811
+def test_sigusr1_stops_one_tokenizer_process_cleanly(data, tmp_path):
     cmd = [sys.executable, ROOT / "tokenizer/vq_train_dual.py", "--data-path", data, *TINY,
            "--global-batch-size", "2", "--ckpt-every", "1000", "--disc-start", "2", "--exp-name", "u"]
     exp = tmp_path / "results_tokenizer_image" / "VQ-16-u"
@@ -96,7 +96,7 @@ def test_sigusr1_stops_one_tokenizer_process_cleanly(data, tmp_path):  # noqa: F
     assert ckpt["steps"] == stopped and {"discriminator", "optimizer_disc", "resume"} <= set(ckpt)
 
 
-def test_nonfinite_steps_are_skipped_then_stop_the_run(setup):  # noqa: F811
+def test_nonfinite_steps_are_skipped_then_stop_the_run(setup):
     # lr 1e30: the first update is finite but enormous, every later loss is inf/nan.
     root = setup
     r = subprocess.run([sys.executable, ROOT / "autoregressive/train/train_c2i_dual.py", "--code-path",

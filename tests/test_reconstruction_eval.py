@@ -30,7 +30,8 @@ def free_port() -> int:
 def torchrun(script, *args, nproc=2, cwd):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
            "--node_rank=0", f"--master_port={free_port()}", str(ROOT / script), *map(str, args)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # CPU processes with gloo, also on a machine with a GPU (two ranks cannot share one GPU under NCCL)
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 

@@ -25,11 +25,6 @@ def metrics(exp_dir):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return build_photo_folder(tmp_path_factory.mktemp("train"), per_class=4, size=40, classes=["cat", "coffee"])
-
-
-@pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     path = tmp_path_factory.mktemp("teacher") / "clip"
     torch.manual_seed(0)

@@ -71,7 +71,10 @@ def get_parser(preset: str) -> argparse.ArgumentParser:
     p.add_argument("--disc-loss", type=str, choices=["hinge", "vanilla", "non-saturating"], default="hinge")
     p.add_argument("--gen-loss", type=str, choices=["hinge", "non-saturating"], default="hinge")
     p.add_argument("--disc-adaptive-weight", action="store_true", help="VQGAN gradient-norm GAN weighting")
-    p.add_argument("--compile", action="store_true", default=False)
+    p.add_argument("--compile", action="store_true", default=False,
+                   help="torch.compile the tokenizer, LPIPS and the discriminator")
+    p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
+                   help="channels-last memory layout for the convolutions (auto: on CUDA)")
     p.add_argument("--dropout-p", type=float, default=0.0)
     p.add_argument("--results-dir", type=str, default="results_tokenizer_image")
     p.add_argument("--exp-name", type=str, required=True)
@@ -170,8 +173,9 @@ class Trainer:
     ema: Optional[FactorizedTokenizer]
     teachers: Optional[Teachers]
     loss_fn: FQGANLoss
-    disc: nn.Module  # the discriminator; the generator step runs it bare, with its parameters frozen
-    train_disc: nn.Module  # its DDP wrapper, run by the discriminator step, the only one that trains it
+    disc: nn.Module  # the discriminator (saved, and stepped by its optimizer)
+    run_disc: nn.Module  # ``disc`` as the generator step runs it (compiled or not), with its parameters frozen
+    train_disc: nn.Module  # ``run_disc`` DDP-wrapped: run by the discriminator step, the only one that trains it
     optimizer: torch.optim.Optimizer
     optimizer_disc: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -207,7 +211,7 @@ def build(args, preset: str) -> Trainer:
     config = build_config(args, preset, infer_tokenizer_config(weights, resume_path).base_image_size
                           if weights else args.image_size)
     teachers = None
-    if args.with_clip_supervision:
+    if args.with_clip_supervision and args.semantic_weight:  # heads without loss (weight 0) need no teachers
         teachers = load_teachers(config, teacher_overrides_from_args(args, config), check_width=False,
                                  image_size=args.teacher_image_size).to(device)
         config = fit_heads_to_teachers(config, teachers)
@@ -275,17 +279,29 @@ def build(args, preset: str) -> Trainer:
     elif ema is not None:
         update_ema(ema, model, decay=0)
 
-    train_model, train_disc = torch.compile(model) if args.compile else model, disc
+    if channels_last(args, device):  # NHWC convolutions: what cuDNN's bf16 kernels run fastest
+        for m in (model, disc, loss_fn):
+            m.to(memory_format=torch.channels_last)
+    train_model, run_disc = model, disc
+    if args.compile:  # the tokenizer, LPIPS and the discriminator; the loss arithmetic around them stays eager
+        train_model, run_disc = torch.compile(model), torch.compile(disc)
+        if loss_fn.perceptual is not None:
+            loss_fn.perceptual = torch.compile(loss_fn.perceptual)
+    train_disc = run_disc
     if is_distributed():
         ids = [device.index] if device.type == "cuda" else None
         # Heads without semantic loss would leave parameters without gradients.
         unused = bool(config.head_factors) and not cfg.semantic_weight
         train_model = DDP(train_model, device_ids=ids, find_unused_parameters=unused)
-        train_disc = DDP(disc, device_ids=ids)
+        train_disc = DDP(run_disc, device_ids=ids)
     model.train()
     loss_fn.train()
-    return Trainer(args, run, config, model, train_model, ema, teachers, loss_fn, disc, train_disc, optimizer,
-                   optimizer_disc, scaler, scaler_disc, dataset, sampler, total_steps, start, bad_images)
+    return Trainer(args, run, config, model, train_model, ema, teachers, loss_fn, disc, run_disc, train_disc,
+                   optimizer, optimizer_disc, scaler, scaler_disc, dataset, sampler, total_steps, start, bad_images)
+
+
+def channels_last(args, device: torch.device) -> bool:
+    return args.channels_last == "on" or (args.channels_last == "auto" and device.type == "cuda")
 
 
 def idle_discriminator_step(optimizer: torch.optim.Optimizer, disc: nn.Module) -> None:
@@ -302,6 +318,8 @@ def train_step(t: Trainer, images: torch.Tensor, step: int) -> tuple[dict, torch
     micro-batches). ``step`` is 1-based, like the original's global step. Returns the logs (device tensors),
     whether an update was skipped for non-finite gradients, and the last micro-batch's reconstructions."""
     args, autocast = t.args, autocast_context(t.run.info.device, t.args.mixed_precision)
+    if channels_last(args, images.device):
+        images = images.contiguous(memory_format=torch.channels_last)
     micro = images.split(t.run.micro_batch)
 
     t.optimizer.zero_grad(set_to_none=True)
@@ -312,7 +330,7 @@ def train_step(t: Trainer, images: torch.Tensor, step: int) -> tuple[dict, torch
             with torch.no_grad():
                 teacher_cls = t.teachers(x) if t.teachers is not None else None
             with frozen(t.disc):
-                gen = t.loss_fn.generator_step(x, out, step, teacher_cls, t.model.decoder.last_layer, t.disc)
+                gen = t.loss_fn.generator_step(x, out, step, teacher_cls, t.model.decoder.last_layer, t.run_disc)
         t.scaler.scale(gen.loss / len(micro)).backward()
         recons.append(out.recon.detach())
     grad_norm, skipped = optimizer_step(t.optimizer, t.scaler, t.model.parameters(), args.max_grad_norm)

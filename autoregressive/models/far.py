@@ -336,7 +336,12 @@ class FAR(nn.Module):
         return n
 
     # -- input checks ----------------------------------------------------------------------------------------
-    def check_codes(self, idx: torch.Tensor) -> None:
+    # Shapes and dtypes are checked on every call: they are known without looking at the data. Values (codes in
+    # the vocabulary, labels in range) need a look at the data, which on a GPU is a host sync and under
+    # torch.compile a graph break: they are checked where inputs enter (the code store checks codes when it is
+    # written and its vocabulary when it is opened, generate() checks labels), and ``forward`` checks them
+    # itself only for CPU tensors in eager mode, where that costs nothing (and catches mistakes in notebooks).
+    def check_codes(self, idx: torch.Tensor, values: bool = True) -> None:
         cfg = self.config
         if idx.dim() != 3 or idx.shape[-1] != cfg.num_factors:
             raise ValueError(f"FAR expects codes of shape (batch, positions, {cfg.num_factors}) for its "
@@ -345,8 +350,10 @@ class FAR(nn.Module):
             raise ValueError(f"FAR codes must be integer indices, got {idx.dtype}")
         if idx.shape[1] > cfg.block_size:
             raise ValueError(f"{idx.shape[1]} positions given, but the model holds at most {cfg.block_size}")
+        if not values:
+            return
         bad = (idx < 0) | (idx >= cfg.vocab_size)
-        if bad.any():  # one host sync per call; cheap next to the forward pass
+        if bad.any():
             for f in range(cfg.num_factors):
                 vals = idx[..., f][bad[..., f]]
                 if vals.numel():
@@ -355,12 +362,12 @@ class FAR(nn.Module):
                         f"[0, {cfg.vocab_size - 1}]: {vals.numel()} values in [{vals.min().item()}, "
                         f"{vals.max().item()}]")
 
-    def check_labels(self, labels: torch.Tensor, allow_null: bool = True) -> None:
+    def check_labels(self, labels: torch.Tensor, allow_null: bool = True, values: bool = True) -> None:
         top = self.config.num_classes + (allow_null and self.config.has_null_class)
         if labels.dim() != 1 or labels.dtype.is_floating_point:
             raise ValueError(f"class labels must be an integer tensor of shape (batch,), got "
                              f"{labels.dtype} {tuple(labels.shape)}")
-        if labels.numel() and (labels.min() < 0 or labels.max() >= top):
+        if values and labels.numel() and (labels.min() < 0 or labels.max() >= top):
             raise ValueError(f"class labels must lie in [0, {top - 1}], got values in "
                              f"[{labels.min().item()}, {labels.max().item()}]")
 
@@ -371,8 +378,9 @@ class FAR(nn.Module):
         (and, inside position t, from the factors before it). ``targets`` (B, T, F) adds the losses; it is
         normally ``idx`` itself (entries equal to -100 are ignored)."""
         cfg = self.config
-        self.check_codes(idx)
-        self.check_labels(cond)
+        values = idx.device.type == "cpu" and not torch.compiler.is_compiling()  # see "input checks"
+        self.check_codes(idx, values)
+        self.check_labels(cond, values=values)
         B, T, Fn = idx.shape
         embs = [self.tok_embedding(f)(idx[..., f]) for f in range(Fn)]           # F x (B, T, D)
         x = self.aggregation_layer(torch.cat(embs, dim=-1))

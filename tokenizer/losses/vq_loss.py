@@ -162,8 +162,7 @@ class FQGANLoss(nn.Module):
         ``disc_adaptive_weight``; discriminator: needed once the GAN is on (the bare module: its parameters
         should be frozen here, see ``utils.steps.frozen``)."""
         cfg = self.config
-        recon = output.recon.contiguous()
-        images = images.contiguous()
+        recon = output.recon
         if self.factor_names and len(self.factor_names) != len(output.factors):
             raise ValueError(f"the loss was built for factors {self.factor_names} but the tokenizer output has "
                              f"{len(output.factors)} factors")
@@ -255,8 +254,8 @@ class FQGANLoss(nn.Module):
         that trains it (the generator step runs the bare module with frozen parameters)."""
         if isinstance(recon, TokenizerOutput):
             recon = recon.recon
-        logits_real = discriminator(images.contiguous().detach())
-        logits_fake = discriminator(recon.contiguous().detach())
+        logits_real = discriminator(images.detach())
+        logits_fake = discriminator(recon.detach())
         disc_factor = self.disc_factor(step)
         disc_weight = self.config.disc_weight * disc_factor
         adv = self.disc_loss(logits_real, logits_fake)

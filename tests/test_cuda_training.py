@@ -1,0 +1,80 @@
+"""CUDA-only checks of the training paths (``pytest -m cuda``; skipped without a GPU): inductor-compiled bf16
+training steps give the eager losses, and the training scripts run under torchrun with NCCL."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from autoregressive.train import train_c2i
+from test_far_pipeline import FAR_TINY
+from test_reconstruction_eval import free_port
+from test_tokenizer_training import TINY
+from tokenizer import train as tokenizer_train
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tokenizer_run(data, tmp_path, compiled: bool) -> list[dict]:
+    args = tokenizer_train.get_parser("dual").parse_args(
+        ["--data-path", str(data), *TINY, "--global-batch-size", "4", "--disc-start", "2", "--exp-name", "c",
+         "--results-dir", str(tmp_path / str(compiled)), "--no-local-save", "--device", "cuda"]
+        + (["--compile"] if compiled else []))
+    t = tokenizer_train.build(args, "dual")
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for step in (1, 2, 3, 4):
+        images = (torch.rand(4, 3, 32, 32, generator=gen) * 2 - 1).cuda()
+        logs, skipped, _ = tokenizer_train.train_step(t, images, step)
+        assert not skipped
+        out.append({k: float(v) for k, v in logs.items()})
+    return out
+
+
+def test_compiled_bf16_tokenizer_steps_match_eager(data, tmp_path):
+    eager, compiled = _tokenizer_run(data, tmp_path, False), _tokenizer_run(data, tmp_path, True)
+    for e, c in zip(eager, compiled):  # bf16 autocast on both sides: agreement to bf16 noise
+        for k in ("loss", "rec_loss", "disentangle_loss", "grad_norm"):
+            assert c[k] == pytest.approx(e[k], rel=5e-2, abs=1e-3), (k, e[k], c[k])
+    assert compiled[-1]["disc_loss"] == pytest.approx(eager[-1]["disc_loss"], rel=5e-2)
+
+
+def test_compiled_bf16_far_steps_match_eager(setup, tmp_path):
+    losses = {}
+    for compiled in (False, True):
+        args = train_c2i.get_parser(2).parse_args(
+            ["--code-path", str(setup / "codes"), *FAR_TINY, "--global-batch-size", "4", "--exp-name", "c",
+             "--results-dir", str(tmp_path / str(compiled)), "--no-local-save", "--dropout-p", "0",
+             "--token-dropout-p", "0", "--device", "cuda"] + ([] if compiled else ["--no-compile"]))
+        t = train_c2i.build(args, 2)
+        gen = torch.Generator().manual_seed(0)
+        steps = []
+        for _ in range(3):
+            codes = torch.randint(0, 64, (4, 64, 2), generator=gen).cuda()
+            labels = torch.randint(0, 3, (4,), generator=gen).cuda()
+            logs, skipped = train_c2i.train_step(t, codes, labels)
+            assert not skipped
+            steps.append({k: float(v) for k, v in logs.items()})
+        losses[compiled] = steps
+    for e, c in zip(losses[False], losses[True]):
+        assert c["loss"] == pytest.approx(e["loss"], rel=2e-2)
+
+
+def test_far_training_under_torchrun_with_nccl(setup, tmp_path):
+    # one process: NCCL for the model, a gloo side group for the stop flag, metrics reduced on the GPU
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={free_port()}",
+           str(ROOT / "autoregressive/train/train_c2i_dual.py"), "--code-path", str(setup / "codes"), *FAR_TINY,
+           "--global-batch-size", "4", "--max-steps", "3", "--ckpt-every", "2", "--exp-name", "nccl"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    logged = [json.loads(x) for x in (tmp_path / "results" / "FAR-T-nccl" / "metrics.jsonl").read_text().split("\n")
+              if x]
+    assert [m["step"] for m in logged] == [1, 2, 3]
+    assert sorted(p.name for p in (tmp_path / "results" / "FAR-T-nccl" / "checkpoints").iterdir()) == \
+        ["0000002.pt", "0000003.pt"]
