@@ -99,7 +99,10 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--channels-last", default=None, choices=["off", "on", "both"],
                    help="torch memory format (default: both on CUDA, off on CPU)")
     p.add_argument("--no-cpu-check", action="store_true", help="on CUDA, skip the comparison with CPU features")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cuda = torch.device(args.device).type == "cuda"
     batch_size = args.batch_size or (500 if cuda else 16)
     args.images = args.images or (5000 if cuda else 32)
