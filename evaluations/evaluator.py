@@ -94,7 +94,7 @@ def evaluate(ref_path: str, sample_path: str, graph_path: str | os.PathLike | No
     ref_stored, sample_stored = read_precomputed_statistics(ref_path), read_precomputed_statistics(sample_path)
     graph = find_inception_graph(graph_path)
 
-    name, why = choose_backend("torch" if backend == "auto" and device else backend)
+    name, why = ("torch", f"--device {device}") if backend == "auto" and device else choose_backend(backend)
     print(f"loading the Inception graph {graph} ({name} backend: {why})...")
     with open_backend(name, graph, batch_size, device) as net:
         print(f"Inception backend: {net.describe()}")

@@ -113,7 +113,7 @@ def choose_backend(requested: str = "auto") -> tuple[str, str]:
     """(backend, why). auto: torch on a GPU (TensorFlow's GPU build rarely matches the installed torch/CUDA), else
     TensorFlow when it imports (what ADM runs), else torch."""
     if requested in BACKENDS:
-        return requested, "--backend"
+        return requested, "chosen with --backend"
     import torch
     if torch.cuda.is_available():
         return "torch", "a GPU is present"
