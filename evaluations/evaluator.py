@@ -6,7 +6,10 @@ OpenAI's ADM evaluator (guided-diffusion ``evaluations/evaluator.py``), the numb
 Both files are ``.npz`` with ``arr_0`` an N x H x W x 3 uint8 image batch. Statistics ``mu``/``sigma``/``mu_s``/
 ``sigma_s`` stored in either file are used instead of computing them (ADM reference batches carry them); the
 images are still needed for precision/recall. The five numbers are printed and written beside the sample batch
-(``X.npz`` -> ``X.txt``), as the FQGAN evaluator does. Needs TensorFlow and ``classify_image_graph_def.pb``.
+(``X.npz`` -> ``X.txt``), as the FQGAN evaluator does. Needs ``classify_image_graph_def.pb``, and runs it with
+``--backend tf`` (TensorFlow, as ADM) or ``--backend torch`` (the same graph file run by torch ops, on a GPU or the
+CPU, no TensorFlow needed; same numbers to float32 rounding). The default picks torch when a GPU is present or
+TensorFlow cannot be imported, else TensorFlow; the output says which ran.
 
 Reference and sample images must have the same size: the Inception graph resizes everything to 299x299, so a
 mismatch would run, but it almost always means the wrong pair of files (a 256 reference for 512 samples).
@@ -30,7 +33,7 @@ if __name__ == "__main__":
 import numpy as np
 
 from evaluations import metrics
-from evaluations.inception import BATCH_SIZE, find_inception_graph
+from evaluations.inception import BACKENDS, choose_backend, find_inception_graph, open_backend
 from evaluations.npz_stream import (EvaluatorInputError, ImageArrayInfo, iter_batches, num_batches,
                                     read_precomputed_statistics, validate_images)
 
@@ -82,33 +85,32 @@ def _statistics(path: str, stored: dict | None, pool: np.ndarray, spatial: np.nd
 
 
 def evaluate(ref_path: str, sample_path: str, graph_path: str | os.PathLike | None = None,
-             batch_size: int = BATCH_SIZE, allow_size_mismatch: bool = False) -> EvalResult:
-    # Every check that can fail runs before TensorFlow is imported (several seconds) and before any features.
+             batch_size: int | None = None, allow_size_mismatch: bool = False, backend: str = "auto",
+             device: str | None = None) -> EvalResult:
+    """The five numbers; ``backend`` is tf, torch or auto (see choose_backend), ``device`` is torch's (implies
+    torch under auto), ``batch_size`` defaults to the backend's (64 on a CPU, 500 on a GPU)."""
+    # Every check that can fail runs before TensorFlow/torch are imported (seconds) and before any features.
     ref_info, sample_info = check_inputs(ref_path, sample_path, allow_size_mismatch)
     ref_stored, sample_stored = read_precomputed_statistics(ref_path), read_precomputed_statistics(sample_path)
     graph = find_inception_graph(graph_path)
 
-    print(f"loading TensorFlow and the Inception graph {graph}...")
-    from evaluations.inception import InceptionFeatures, TFPairwiseDistances  # deferred: imports TensorFlow
-
-    with InceptionFeatures(graph) as net:
+    name, why = ("torch", f"--device {device}") if backend == "auto" and device else choose_backend(backend)
+    print(f"loading the Inception graph {graph} ({name} backend: {why})...")
+    with open_backend(name, graph, batch_size, device) as net:
+        print(f"Inception backend: {net.describe()}")
         feats = {}
-        for name, info in (("reference", ref_info), ("sample", sample_info)):
+        for label, info in (("reference", ref_info), ("sample", sample_info)):
             h, w = info.image_size
-            print(f"computing {name} batch activations ({info.num_images} images, {h}x{w})...")
-            feats[name] = net.activations(iter_batches(info.path, batch_size),
-                                          total=num_batches(info.num_images, batch_size), desc=name)
+            print(f"computing {label} batch activations ({info.num_images} images, {h}x{w})...")
+            feats[label] = net.activations(iter_batches(info.path, net.batch_size),
+                                           total=num_batches(info.num_images, net.batch_size), desc=label)
         probs = metrics.softmax_probabilities(feats["sample"][0], net.softmax_weights)
 
-    print("computing evaluations...")
-    ref_stats, ref_stats_s = _statistics(ref_path, ref_stored, *feats["reference"])
-    sample_stats, sample_stats_s = _statistics(sample_path, sample_stored, *feats["sample"])
-    distances = TFPairwiseDistances()
-    try:
-        estimator = metrics.ManifoldEstimator(distance_fn=distances)
+        print("computing evaluations...")
+        ref_stats, ref_stats_s = _statistics(ref_path, ref_stored, *feats["reference"])
+        sample_stats, sample_stats_s = _statistics(sample_path, sample_stored, *feats["sample"])
+        estimator = metrics.ManifoldEstimator(distance_fn=net.pairwise_distances)
         precision, recall = metrics.precision_recall(feats["reference"][0], feats["sample"][0], estimator)
-    finally:
-        distances.close()
     return EvalResult(
         inception_score=metrics.inception_score(probs),
         fid=metrics.frechet_distance(sample_stats, ref_stats),
@@ -123,15 +125,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("sample_batch", help="sample batch .npz (arr_0: N x H x W x 3 uint8)")
     parser.add_argument("--inception-graph", default=None,
                         help="path of classify_image_graph_def.pb (default: $INCEPTION_GRAPH, ./, ~/.cache/fqgan/)")
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per Inception forward pass")
+    parser.add_argument("--backend", default="auto", choices=("auto", *BACKENDS),
+                        help="tf: TensorFlow runs the graph (as ADM); torch: torch runs the same graph, GPU or CPU, "
+                             "no TensorFlow needed. auto (default): torch if a GPU is present or TensorFlow is "
+                             "missing, else tf")
+    parser.add_argument("--device", default=None,
+                        help="torch backend's device, e.g. cuda, cuda:1, cpu (default: cuda if available)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images per Inception forward pass (default: 64 on a CPU, 500 on a GPU)")
     parser.add_argument("--allow-size-mismatch", action="store_true",
                         help="evaluate even if reference and sample images differ in size")
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         parser.error("--batch-size must be positive")
+    if args.device and args.backend == "tf":
+        parser.error("--device applies to --backend torch only")
     try:
         result = evaluate(args.ref_batch, args.sample_batch, args.inception_graph, args.batch_size,
-                          args.allow_size_mismatch)
+                          args.allow_size_mismatch, args.backend, args.device)
     except (EvaluatorInputError, metrics.FIDError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

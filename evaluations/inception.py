@@ -1,22 +1,26 @@
-"""Inception-v3 features from ``classify_image_graph_def.pb`` through TensorFlow, as the ADM evaluator gets them.
+"""Inception-v3 features from ``classify_image_graph_def.pb`` as the ADM evaluator gets them, through one interface
+(``InceptionBackend``) with two implementations: TensorFlow running the graph (``inception_tf``, what ADM does) and
+torch running the same graph file op by op (``inception_torch``, no TensorFlow needed; GPU or CPU).
 
-TensorFlow is imported only when a graph is loaded, so nothing else in the project needs it. Facts taken from
-the ADM evaluator: a float32 NHWC batch with values in [0, 255] is fed in place of the graph's ``ExpandDims:0``
-(the tensor right after its JPEG decoder), so the graph's own bilinear resize to 299x299 and its scaling to
-[-1, 1] still run, whatever the image size; ``pool_3:0`` gives the 2048-d features for FID, IS and precision/recall,
-the first 7 channels of ``mixed_6/conv:0`` (17x17x7 = 2023 values, flattened HWC) give sFID, and class
-probabilities use the weight matrix read by the ``softmax/logits/MatMul`` op (see metrics.softmax_probabilities).
+Facts taken from the ADM evaluator: a float32 NHWC batch with values in [0, 255] is fed in place of the graph's
+``ExpandDims:0`` (the tensor right after its JPEG decoder), so the graph's own bilinear resize to 299x299 and its
+scaling to [-1, 1] still run, whatever the image size; ``pool_3:0`` gives the 2048-d features for FID, IS and
+precision/recall, the first 7 channels of ``mixed_6/conv:0`` (17x17x7 = 2023 values, flattened HWC) give sFID, and
+class probabilities use the weight matrix read by the ``softmax/logits/MatMul`` op (see
+metrics.softmax_probabilities).
 """
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from evaluations.npz_stream import EvaluatorInputError
+from evaluations import metrics
+from evaluations.npz_stream import EvaluatorInputError, prefetch
 
 GRAPH_FILENAME = "classify_image_graph_def.pb"
 GRAPH_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/classify_image_graph_def.pb"
@@ -27,16 +31,21 @@ POOL_TENSOR = "pool_3:0"
 SPATIAL_TENSOR = "mixed_6/conv:0"
 SPATIAL_CHANNELS = 7
 SOFTMAX_MATMUL_OP = "softmax/logits/MatMul"
-BATCH_SIZE = 64  # ADM's; each image is resized on its own, so it only affects speed and memory
+BATCH_SIZE = 64  # ADM's, and the CPU default; each image is resized on its own, so it only affects speed
+BACKENDS = ("tf", "torch")
 
 
 class InceptionGraphMissing(EvaluatorInputError):
     pass
 
 
-def cache_path() -> Path:
+def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "fqgan" / GRAPH_FILENAME
+    return Path(base) / "fqgan"
+
+
+def cache_path() -> Path:
+    return cache_dir() / GRAPH_FILENAME
 
 
 def find_inception_graph(explicit: str | os.PathLike | None = None) -> Path:
@@ -58,89 +67,76 @@ def find_inception_graph(explicit: str | os.PathLike | None = None) -> Path:
         f"or pass --inception-graph PATH (or set ${GRAPH_ENV_VAR})")
 
 
-def _import_tf():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ start-up chatter would bury our output
-    import tensorflow.compat.v1 as tf
-    return tf
+class InceptionBackend:
+    """What the evaluator needs from an Inception implementation; use as a context manager or call close().
 
+    Subclasses set ``name``, ``batch_size`` and ``softmax_weights`` (the constant read by ``softmax/logits/MatMul``,
+    [2048, 1008] for the real graph) and implement ``features``; ``pairwise_distances`` is the precision/recall
+    distance block (metrics.ManifoldEstimator's ``distance_fn``)."""
 
-class InceptionFeatures:
-    """Owns a TF1-style session on the imported graph; use as a context manager or call close()."""
+    name: str
+    batch_size: int
+    softmax_weights: np.ndarray
 
-    def __init__(self, graph_path: str | os.PathLike):
-        tf = _import_tf()
-        graph_def = tf.GraphDef()
-        try:
-            graph_def.ParseFromString(Path(graph_path).read_bytes())
-        except Exception as e:  # protobuf's DecodeError; e.g. an HTML error page saved as .pb
-            raise EvaluatorInputError(f"{graph_path}: not a TensorFlow GraphDef ({type(e).__name__})") from None
-        self.graph = tf.Graph()
-        with self.graph.as_default():
-            self.images = tf.placeholder(tf.float32, shape=[None, None, None, 3], name="images")
-            try:
-                pool, spatial, matmul = tf.import_graph_def(
-                    graph_def, input_map={INPUT_TENSOR: self.images},
-                    return_elements=[POOL_TENSOR, SPATIAL_TENSOR, SOFTMAX_MATMUL_OP], name="inception")
-            except (ValueError, KeyError) as e:
-                msg = str(e).splitlines()[0]
-                raise EvaluatorInputError(
-                    f"{graph_path}: not the Inception graph the evaluator needs ({msg})") from None
-            self.pool = pool
-            self.spatial = spatial[..., :SPATIAL_CHANNELS]
-            softmax_weights = matmul.inputs[1]
-        config = tf.ConfigProto(allow_soft_placement=True)  # as ADM: lets DecodeJpeg & co stay on the CPU
-        config.gpu_options.allow_growth = True
-        self.session = tf.Session(graph=self.graph, config=config)
-        # A constant of the graph (2048 x 1008 for the real one); fetched once, the softmax then runs in numpy.
-        self.softmax_weights: np.ndarray = self.session.run(softmax_weights)
+    def features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(pool_3, mixed_6/conv[..., :7]) as float32 NHWC arrays for a uint8 NHWC batch."""
+        raise NotImplementedError
 
-    def __enter__(self) -> "InceptionFeatures":
+    def pairwise_distances(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        return metrics.numpy_pairwise_distances(u, v)
+
+    def describe(self) -> str:
+        return self.name
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "InceptionBackend":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def close(self) -> None:
-        self.session.close()
-
     def activations(self, batches: Iterable[np.ndarray], total: int | None = None,
                     desc: str = "Inception features") -> tuple[np.ndarray, np.ndarray]:
-        """(pool_3 [N, 2048], spatial [N, 2023]) float32 for uint8 NHWC batches."""
+        """(pool_3 [N, 2048], spatial [N, 2023]) float32 for uint8 NHWC batches; the next batch is read while
+        this one runs."""
         pools, spatials = [], []
-        for batch in tqdm(batches, total=total, desc=desc, unit="batch"):
-            pool, spatial = self.session.run([self.pool, self.spatial],
-                                             {self.images: batch.astype(np.float32)})
+        for batch in tqdm(prefetch(batches), total=total, desc=desc, unit="batch"):
+            pool, spatial = self.features(batch)
             pools.append(pool.reshape(len(pool), -1))
             spatials.append(spatial.reshape(len(spatial), -1))
         return np.concatenate(pools, axis=0), np.concatenate(spatials, axis=0)
 
 
-def _tf_squared_distances(tf, u, v):
-    norm_u = tf.reshape(tf.reduce_sum(tf.square(u), 1), [-1, 1])
-    norm_v = tf.reshape(tf.reduce_sum(tf.square(v), 1), [1, -1])
-    return tf.maximum(norm_u - 2 * tf.matmul(u, v, transpose_b=True) + norm_v, 0.0)
+def choose_backend(requested: str = "auto") -> tuple[str, str]:
+    """(backend, why). auto: torch on a GPU (TensorFlow's GPU build rarely matches the installed torch/CUDA), else
+    TensorFlow when it imports (what ADM runs), else torch."""
+    if requested in BACKENDS:
+        return requested, "chosen with --backend"
+    import torch
+    if torch.cuda.is_available():
+        return "torch", "a GPU is present"
+    try:
+        from evaluations.inception_tf import import_tf
+        import_tf()
+    except Exception as e:  # ImportError, or a broken install failing in its own way
+        return "torch", f"TensorFlow cannot be imported ({type(e).__name__})"
+    return "tf", "TensorFlow is installed and no GPU is present"
 
 
-class TFPairwiseDistances:
-    """ADM's DistanceBlock as a callable for metrics.ManifoldEstimator: squared distances in float16, the block
-    recomputed in float32 when any entry is not finite. Precision/recall compare distances with radii at the
-    float16 ulp level, so using TensorFlow's own float16 kernels (and their accumulation order) reproduces ADM's
-    numbers bit for bit on the same device, where the numpy emulation may differ by ~0.001."""
+def open_backend(name: str, graph_path: str | os.PathLike, batch_size: int | None = None,
+                 device: str | None = None) -> InceptionBackend:
+    if name == "tf":
+        if device is not None:
+            raise EvaluatorInputError("--device applies to --backend torch only (TensorFlow places ops itself)")
+        from evaluations.inception_tf import TFInception
+        return TFInception(graph_path, batch_size or BATCH_SIZE)
+    if name == "torch":
+        from evaluations.inception_torch import TorchBackendConfig, TorchInception
+        return TorchInception(graph_path, TorchBackendConfig(device=device, batch_size=batch_size))
+    raise EvaluatorInputError(f"--backend {name}: unknown backend (choose from {', '.join(BACKENDS)})")
 
-    def __init__(self):
-        tf = _import_tf()
-        self.graph = tf.Graph()
-        with self.graph.as_default():
-            self.u = tf.placeholder(tf.float32, shape=[None, None])
-            self.v = tf.placeholder(tf.float32, shape=[None, None])
-            d16 = _tf_squared_distances(tf, tf.cast(self.u, tf.float16), tf.cast(self.v, tf.float16))
-            self.distances = tf.cond(tf.reduce_all(tf.math.is_finite(d16)),
-                                     lambda: tf.cast(d16, tf.float32),
-                                     lambda: _tf_squared_distances(tf, self.u, self.v))
-        self.session = tf.Session(graph=self.graph)
 
-    def __call__(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-        return self.session.run(self.distances, {self.u: u, self.v: v})
-
-    def close(self) -> None:
-        self.session.close()
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)

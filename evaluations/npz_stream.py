@@ -7,11 +7,13 @@ inside the zip, its header parsed with numpy's format helpers, and the rows read
 from __future__ import annotations
 
 import os
+import queue
 import sys
+import threading
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO, Iterator
+from typing import IO, Iterable, Iterator, TypeVar
 
 import numpy as np
 
@@ -133,6 +135,46 @@ def iter_batches(path: str, batch_size: int) -> Iterator[np.ndarray]:
             count = min(batch_size, n - start)
             data = _read_exact(f, count * row_bytes, path)
             yield np.frombuffer(data, dtype=dtype).reshape((count, *row_shape))
+
+
+T = TypeVar("T")
+
+
+def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Yield ``items`` while a background thread reads up to ``depth`` ahead, so reading (and decompressing) the
+    next batch overlaps the Inception forward pass of this one. The reader's exceptions are raised here, in order."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def reader():
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((None, StopIteration()))
+        except BaseException as e:  # noqa: BLE001 -- handed to the consumer, which re-raises it
+            put((None, e))
+
+    threading.Thread(target=reader, daemon=True, name="prefetch").start()
+    try:
+        while True:
+            item, error = q.get()
+            if isinstance(error, StopIteration):
+                return
+            if error is not None:
+                raise error
+            yield item
+    finally:
+        stop.set()  # the consumer stopped early (or failed): let the reader thread end
 
 
 def num_batches(num_items: int, batch_size: int) -> int:

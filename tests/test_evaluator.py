@@ -20,6 +20,12 @@ SCRIPT = ROOT / "evaluations" / "evaluator.py"
 LABELS = ("Inception Score", "FID", "sFID", "Precision", "Recall")
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    # The torch backend caches converted graphs under $XDG_CACHE_HOME/fqgan: keep tests out of the user's cache.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg_cache"))
+
+
 # ---------------------------------------------------------------- FID
 
 def test_fid_closed_form_diagonal_gaussians():
@@ -143,7 +149,7 @@ def test_pairwise_distances_float16_and_fallback():
 
 def test_tensorflow_distances_match_numpy():
     pytest.importorskip("tensorflow")
-    from evaluations.inception import TFPairwiseDistances
+    from evaluations.inception_tf import TFPairwiseDistances
     rng = np.random.default_rng(8)
     u, v = rng.random((9, 64), dtype=np.float32), rng.random((6, 64), dtype=np.float32)
     tfd = TFPairwiseDistances()
@@ -327,13 +333,14 @@ def test_cli_end_to_end(npz_files, fake_graph, tmp_path):
     assert written.splitlines() == [ln for ln in proc.stdout.splitlines() if ln.partition(": ")[0] in LABELS]
 
 
-def test_identical_batches_and_batch_size(npz_files, fake_graph):
+@pytest.mark.parametrize("backend", ["tf", "torch"])
+def test_identical_batches_and_batch_size(npz_files, fake_graph, backend):
     from evaluations.evaluator import evaluate
-    from evaluations.inception import InceptionFeatures
-    res = evaluate(str(npz_files / "ref.npz"), str(npz_files / "ref.npz"), fake_graph)
+    from evaluations.inception import open_backend
+    res = evaluate(str(npz_files / "ref.npz"), str(npz_files / "ref.npz"), fake_graph, backend=backend)
     assert abs(res.fid) < 1e-6 and abs(res.sfid) < 1e-6
     assert (res.precision, res.recall) == (1.0, 1.0)
-    with InceptionFeatures(fake_graph) as net:
+    with open_backend(backend, fake_graph) as net:
         pool, spatial = net.activations(iter_batches(str(npz_files / "ref.npz"), 64))
         pool_b, spatial_b = net.activations(iter_batches(str(npz_files / "ref.npz"), 7))
         assert pool.shape == (40, POOL_DIM) and spatial.shape == (40, 2 * 2 * 7)
@@ -343,15 +350,16 @@ def test_identical_batches_and_batch_size(npz_files, fake_graph):
         # The in-graph resize accepts any image size (what --allow-size-mismatch relies on).
         small, _ = net.activations([photo_crops(48)[:3]])
         assert small.shape == (3, POOL_DIM)
-    res_mm = evaluate(str(npz_files / "ref.npz"), str(npz_files / "small.npz"), fake_graph, allow_size_mismatch=True)
+    res_mm = evaluate(str(npz_files / "ref.npz"), str(npz_files / "small.npz"), fake_graph, allow_size_mismatch=True,
+                      backend=backend)
     assert np.isfinite(res_mm.fid)
 
 
 def test_stored_statistics_are_used(npz_files, fake_graph, tmp_path):
     from evaluations.evaluator import evaluate
-    from evaluations.inception import InceptionFeatures
+    from evaluations.inception_tf import TFInception
     images = np.load(npz_files / "ref.npz")["arr_0"]
-    with InceptionFeatures(fake_graph) as net:
+    with TFInception(fake_graph) as net:
         pool, spatial = net.activations([images])
     s, s_sp = metrics.compute_statistics(pool), metrics.compute_statistics(spatial)
     shift = np.zeros(POOL_DIM)
@@ -365,12 +373,13 @@ def test_stored_statistics_are_used(npz_files, fake_graph, tmp_path):
         evaluate(str(tmp_path / "bad.npz"), str(npz_files / "ref.npz"), fake_graph)
 
 
-def test_wrong_graph_is_reported(npz_files, tmp_path):
+@pytest.mark.parametrize("backend", ["tf", "torch"])
+def test_wrong_graph_is_reported(npz_files, tmp_path, backend):
     from evaluations.evaluator import evaluate
     no_spatial = write_fake_inception(tmp_path / "nospatial.pb", with_spatial=False)
     with pytest.raises(EvaluatorInputError, match="mixed_6/conv"):
-        evaluate(str(npz_files / "ref.npz"), str(npz_files / "sample.npz"), no_spatial)
+        evaluate(str(npz_files / "ref.npz"), str(npz_files / "sample.npz"), no_spatial, backend=backend)
     junk = tmp_path / "junk.pb"
     junk.write_bytes(b"<html><body>403 Forbidden</body></html>")
-    with pytest.raises(EvaluatorInputError, match="junk.pb"):
-        evaluate(str(npz_files / "ref.npz"), str(npz_files / "sample.npz"), junk)
+    with pytest.raises(EvaluatorInputError, match="junk.pb: not a TensorFlow GraphDef"):
+        evaluate(str(npz_files / "ref.npz"), str(npz_files / "sample.npz"), junk, backend=backend)
