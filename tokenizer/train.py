@@ -26,7 +26,7 @@ from tokenizer.models import (FactorizedTokenizer, describe, infer_config, load_
 from tokenizer.models.fqgan import PRESETS
 from tokenizer.teachers import (TeacherUnavailableError, add_teacher_arguments, load_teachers,
                                 teacher_overrides_from_args)
-from utils.checkpoint import CheckpointError, atomic_save, extract_weights, load_file
+from utils.checkpoint import CheckpointError, add_unsafe_load_argument, atomic_save, extract_weights, load_file
 from utils.data import ImageFolderSafe, ResumableSampler, collate_train, train_transform
 from utils.distributed import barrier, cleanup, is_distributed
 from utils.ema import requires_grad, update_ema
@@ -108,6 +108,7 @@ def get_parser(preset: str) -> argparse.ArgumentParser:
     p.add_argument("--auto-resume", action="store_true", help="resume from the newest checkpoint of this run")
     p.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (if installed)")
+    add_unsafe_load_argument(p)
     return p
 
 

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from autoregressive.data.code_store import CodeDataset, CodeStoreError, collate_codes
 from autoregressive.models import FAR, FAR_models, describe, far_checkpoint, far_config, load_released_state_dict
 from autoregressive.models.far import TransformerBlock
-from utils.checkpoint import CheckpointError, atomic_save, extract_weights, load_file
+from utils.checkpoint import CheckpointError, add_unsafe_load_argument, atomic_save, extract_weights, load_file
 from utils.data import ResumableSampler
 from utils.distributed import barrier, cleanup, is_distributed
 from utils.ema import requires_grad, update_ema
@@ -73,6 +73,7 @@ def get_parser(num_factors: int) -> argparse.ArgumentParser:
     p.add_argument("--auto-resume", action="store_true", help="resume from the newest checkpoint of this run")
     p.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--wandb", action="store_true")
+    add_unsafe_load_argument(p)
     return p
 
 
