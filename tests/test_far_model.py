@@ -217,16 +217,19 @@ def test_save_and_load_round_trip(tmp_path):
         ema.norm.weight.add_(1.0)
     path = tmp_path / "far.pt"
     save_far(path, model, ema=ema, steps=7)
-    ckpt = torch.load(path, weights_only=False)
-    assert set(ckpt) == {"model", "ema", "steps"} and set(ckpt["model"]) == set(model.state_dict())
-    loaded = load_far(path, n_head=4, block_size=16, expect_factors=3)
-    assert not loaded.training and loaded.config.num_factors == 3
-    assert torch.equal(loaded.norm.weight, ema.norm.weight)  # EMA weights preferred
+    ckpt = torch.load(path, weights_only=True)
+    assert set(ckpt) == {"model", "ema", "config", "steps"} and set(ckpt["model"]) == set(model.state_dict())
+    loaded = load_far(path, expect_factors=3)  # the stored config gives what weights cannot (n_head, block_size)
+    assert not loaded.training and loaded.config == model.config
+    assert (loaded.loaded_from.weights, loaded.loaded_from.config_stored) == ("model", True)
+    assert torch.equal(loaded.norm.weight, model.norm.weight)  # "model" weights, as the original sampler
+    loaded = load_far(path, prefer=("ema",))
+    assert loaded.loaded_from.weights == "ema" and "'ema' weights, its stored config" in str(loaded.loaded_from)
     codes = torch.randint(0, 40, (2, 16, 3))
     with torch.no_grad():
         assert torch.equal(loaded(codes, torch.tensor([1, 2])).logits[2], ema.eval()(codes, torch.tensor([1, 2])).logits[2])
     with pytest.raises(CheckpointError, match="2 factors were expected"):
-        load_far(path, n_head=4, block_size=16, expect_factors=2)
+        load_far(path, expect_factors=2)
     assert "triple FAR" in describe_far(loaded.config)
 
 

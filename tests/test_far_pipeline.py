@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from autoregressive.data.code_store import CodeDataset
 from demo.photos import build_photo_folder
 from test_reconstruction_eval import torchrun
+from utils.checkpoint import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 FAR_TINY = ["--gpt-model", "FAR-T", "--vocab-size", "64", "--image-size", "32", "--downsample-size", "4",
@@ -41,7 +41,7 @@ def test_train_resume_and_sample(setup):
     full = metrics(exp / "metrics.jsonl")
     assert [m["step"] for m in full] == [1, 2, 3, 4] and {"loss_vis", "loss_sem", "grad_norm"} <= set(full[0])
     assert full[0]["loss"] == pytest.approx(np.log(64), rel=1e-3)  # zero-initialised output layers
-    ckpt = torch.load(exp / "checkpoints" / "0000004.pt", weights_only=False)
+    ckpt = load_file(exp / "checkpoints" / "0000004.pt")  # weights only: args, optimizer, numpy RNG state allowed
     assert {"model", "ema", "optimizer", "steps", "args"} <= set(ckpt) and "tok_embeddings_2.weight" in ckpt["model"]
 
     r = torchrun(*common, "--exp-name", "resumed", "--gpt-ckpt", exp / "checkpoints" / "0000002.pt", cwd=root)
@@ -75,7 +75,7 @@ def test_fsdp_matches_ddp_at_the_first_step(setup):
         runs[name] = metrics(root / "results" / f"FAR-T-{name}" / "metrics.jsonl")
     for a, b in zip(runs["ddp"], runs["fsdp"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    sd = torch.load(root / "results" / "FAR-T-fsdp" / "checkpoints" / "0000002.pt", weights_only=False)["model"]
+    sd = load_file(root / "results" / "FAR-T-fsdp" / "checkpoints" / "0000002.pt")["model"]
     assert sd["norm.weight"].shape == (256,)  # full tensors, not shards
 
 

@@ -12,6 +12,7 @@ import transformers
 from demo.photos import build_photo_folder
 from test_reconstruction_eval import torchrun
 from tokenizer.models import load_tokenizer
+from utils.checkpoint import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--image-size", "32", "--ch", "32", "--ch-mult", "1,2,2", "--num-res-blocks", "1", "--z-channels", "32",
@@ -49,7 +50,7 @@ def test_two_process_training_and_exact_resume(data, tiny_clip, tmp_path):
     assert full[0]["disc_factor"] == 0 and full[2]["disc_factor"] == 1 and "logits_real" in full[2]
     assert sorted(p.name for p in (exp / "checkpoints").iterdir()) == ["0000002.pt", "0000004.pt"]
     assert (exp / "images" / "0000002.png").is_file() and any((exp / "tensorboard").iterdir())
-    ckpt = torch.load(exp / "checkpoints" / "0000004.pt", weights_only=False)
+    ckpt = load_file(exp / "checkpoints" / "0000004.pt")  # weights only: args, optimizers, numpy RNG state allowed
     assert {"model", "ema", "optimizer", "discriminator", "optimizer_disc", "steps", "args"} <= set(ckpt)
     assert ckpt["steps"] == 4 and len(ckpt["resume"]["rng"]) == 2
     assert "encoder.semantic_head.0.ln_pre.weight" in ckpt["model"] and "feat_pred_head.ln_post.bias" in ckpt["ema"]

@@ -31,7 +31,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from tqdm import tqdm
 
 from tokenizer.models import check_tokenizer_flags, describe_tokenizer, load_tokenizer
-from utils.checkpoint import CheckpointError
+from utils.checkpoint import CheckpointError, add_unsafe_load_argument
 from utils.data import ImageFolderSafe, eval_batches, eval_transform, rank_shard
 from utils.distributed import all_reduce_sum, cleanup, init_distributed
 from utils.factors import preset_name
@@ -60,6 +60,7 @@ def get_parser(num_factors: int) -> argparse.ArgumentParser:
     p.add_argument("--save-png", action="store_true", help="also write <sample-dir>/<folder-name>/NNNNNN.png")
     p.add_argument("--vgg-path", type=str, default=None, help="VGG16 ImageNet weights for LPIPS (optional)")
     p.add_argument("--no-tf32", action="store_true", help="full fp32 matmuls on GPU (TF32 is on by default)")
+    add_unsafe_load_argument(p)
     # accepted for the original command lines; the checkpoint decides whether heads exist
     p.add_argument("--with_clip_supervision", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--with_disentanglement", action="store_true", help=argparse.SUPPRESS)
@@ -107,7 +108,7 @@ def main(argv=None, num_factors: int = 2) -> dict:
         sys.exit(f"error: {e}")
     model = model.to(info.device)
     cfg = model.config
-    log(f"Loaded {describe_tokenizer(cfg)} from {args.vq_ckpt}")
+    log(f"Loaded {describe_tokenizer(cfg)} from {model.loaded_from}")
     lpips = _lpips_or_none(args.vgg_path, info.device, log)
 
     n = min(len(dataset), args.num_images) if args.num_images else len(dataset)
@@ -151,7 +152,8 @@ def main(argv=None, num_factors: int = 2) -> dict:
     results = {"num_images": int(count), "psnr": sums[0].item() / count, "ssim": sums[1].item() / count,
                "ssim_true_range": sums[2].item() / count,
                "lpips": sums[3].item() / count if lpips is not None else None,
-               "factors": [], "vq_ckpt": str(args.vq_ckpt), "model": describe_tokenizer(cfg),
+               "factors": [], "vq_ckpt": str(args.vq_ckpt), "vq_weights": model.loaded_from.weights,
+               "model": describe_tokenizer(cfg),
                "image_size": args.image_size, "image_size_eval": size, "npz": str(out)}
     for f, name in enumerate(model.factor_names):
         p = hist[f] / hist[f].sum()

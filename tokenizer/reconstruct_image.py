@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from tokenizer.models import load_tokenizer  # noqa: E402
-from utils.checkpoint import CheckpointError  # noqa: E402
+from utils.checkpoint import CheckpointError, add_unsafe_load_argument  # noqa: E402
 from utils.data import center_crop_arr, to_model_range  # noqa: E402
 from utils.images import save_grid  # noqa: E402
 
@@ -30,12 +30,14 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vq-ckpt", required=True, help="tokenizer checkpoint (e.g. fqgan_dual_ds16.pt)")
+    p.add_argument("--vq-ckpt", required=True,
+                   help="tokenizer checkpoint: a file (.pt or .safetensors) or hf://ZechenBai/FQGAN/fqgan_dual_ds16.pt")
     p.add_argument("--image", required=True, help="any image file PIL can read")
     p.add_argument("--out", default="reconstruction.png")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--per-factor", action="store_true", help="also decode each factor alone")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_unsafe_load_argument(p)
     args = p.parse_args(argv)
 
     try:
@@ -55,6 +57,7 @@ def main(argv=None) -> None:
             panels += [model.decode_indices(indices, keep=[f]) for f in range(model.config.num_factors)]
     save_grid(torch.cat(panels).cpu(), args.out, nrow=len(panels))
     names = ["input", "reconstruction"] + ([f"only {n}" for n in model.factor_names] if args.per_factor else [])
+    print(f"Tokenizer: {model.loaded_from}")
     print(f"PSNR {psnr(panels[1], x):.2f} dB; codes {tuple(indices.shape[1:])} per image; "
           f"wrote {args.out} ({' | '.join(names)})")
 

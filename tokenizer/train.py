@@ -29,7 +29,7 @@ from tokenizer.models import (FactorizedTokenizer, TokenizerConfig, describe_tok
                               load_tokenizer_weights, preset_factors, tokenizer_checkpoint, tokenizer_config)
 from tokenizer.teachers import (TeacherUnavailableError, Teachers, add_teacher_arguments, load_teachers,
                                 teacher_overrides_from_args)
-from utils.checkpoint import extract_weights, load_file
+from utils.checkpoint import SAVE_FORMATS, add_unsafe_load_argument, extract_weights, load_file
 from utils.data import ImageFolderSafe, ResumableSampler, collate_train, epoch_loader, train_transform
 from utils.distributed import cleanup, is_distributed
 from utils.ema import requires_grad, update_ema
@@ -38,7 +38,7 @@ from utils.logging import MetricWriter
 from utils.progress import MetricAverager, Throughput, report
 from utils.rng import seed_everything
 from utils.run import (Position, Run, StopSignal, epoch_batches, fail, find_resume, restore_position,
-                       resume_command, save_checkpoint, start_run)
+                       resume_command, save_run_checkpoint, start_run)
 from utils.steps import (NonFiniteGuard, accumulation, autocast_context, frozen, fused_kwargs, grad_scaler,
                          optimizer_step)
 
@@ -123,6 +123,10 @@ def get_parser(preset: str) -> argparse.ArgumentParser:
     p.add_argument("--max-nonfinite-steps", type=int, default=100,
                    help="stop after this many optimizer steps in a row skipped for a NaN/inf loss or gradient "
                         "(0: never)")
+    p.add_argument("--save-format", choices=SAVE_FORMATS, default="pt",
+                   help="safetensors: beside each NNNNNNN.pt also write NNNNNNN.safetensors (the 'model' weights "
+                        "and the config only; resuming needs the .pt)")
+    add_unsafe_load_argument(p)
     return p
 
 
@@ -190,11 +194,10 @@ class Trainer:
         """Models and optimizers in the released layout (steps and resume state are added when saving)."""
         return tokenizer_checkpoint(self.model, self.ema, optimizer=self.optimizer.state_dict(),
                                     discriminator=self.disc.state_dict(),
-                                    optimizer_disc=self.optimizer_disc.state_dict(), args=self.args,
-                                    config=dataclasses.asdict(self.config))
+                                    optimizer_disc=self.optimizer_disc.state_dict(), args=self.args)
 
     def save(self, pos: Position) -> Optional[Path]:
-        return save_checkpoint(self.run, pos, self.checkpoint(), bad_images=self.bad_images,
+        return save_run_checkpoint(self.run, pos, self.checkpoint(), bad_images=self.bad_images,
                                scaler=self.scaler.state_dict(), scaler_disc=self.scaler_disc.state_dict())
 
 

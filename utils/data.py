@@ -13,7 +13,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".JPEG")
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def is_image_file(name: str) -> bool:
+    """Whether a file name has an image extension, in any case (``.JPEG``, ``.PNG``), as torchvision's
+    ImageFolder decides."""
+    return name.lower().endswith(IMG_EXTENSIONS)
 
 
 def _box_halve(img: Image.Image, target_short: int) -> Image.Image:
@@ -66,9 +72,9 @@ def find_images(root: str | os.PathLike) -> tuple[list[tuple[str, int]], list[st
     if classes:
         for ci, c in enumerate(classes):
             for dirpath, _, files in sorted(os.walk(root / c, followlinks=True)):
-                samples += [(os.path.join(dirpath, f), ci) for f in sorted(files) if f.endswith(IMG_EXTENSIONS)]
+                samples += [(os.path.join(dirpath, f), ci) for f in sorted(files) if is_image_file(f)]
     else:
-        samples = [(str(p), 0) for p in sorted(root.iterdir()) if p.name.endswith(IMG_EXTENSIONS)]
+        samples = [(str(p), 0) for p in sorted(root.iterdir()) if is_image_file(p.name)]
         classes = [""]
     if not samples:
         raise FileNotFoundError(f"--data-path {root}: no images found (expected <root>/<class>/<image>)")

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Iterator, NoReturn, Optional
 import torch
 import torch.distributed as dist
 
-from utils.checkpoint import atomic_save
+from utils.checkpoint import atomic_save, write_checkpoint
 from utils.distributed import DistInfo, barrier, get_world_size, init_distributed, is_distributed
 from utils.logging import create_logger
 from utils.rng import gather_rng_states, restore_rng_state, seed_everything
@@ -50,6 +50,7 @@ class Run:
     exp_dir: Path
     logger: logging.Logger
     save: bool = True  # False with --no-local-save
+    save_format: str = "pt"  # "safetensors": also a weights-only copy of every checkpoint
 
     @property
     def ckpt_dir(self) -> Path:
@@ -75,7 +76,8 @@ def start_run(args, model_name: str) -> Run:
     logger = create_logger(exp_dir if info.is_main else None, info.is_main)
     logger.info(f"Experiment directory: {exp_dir}")
     logger.info(f"{args}")
-    return Run(info, accum, args.global_batch_size // (world * accum), exp_dir, logger, not args.no_local_save)
+    return Run(info, accum, args.global_batch_size // (world * accum), exp_dir, logger, not args.no_local_save,
+               args.save_format)
 
 
 def find_resume(explicit: Optional[str], auto: bool, ckpt_dir: Path) -> Optional[str]:
@@ -123,7 +125,8 @@ def epoch_batches(start: Position, epochs: int, set_epoch: Callable[[int, int], 
             yield epoch, done, batch
 
 
-def save_checkpoint(run: Run, pos: Position, payload: Optional[dict[str, Any]], **resume: Any) -> Optional[Path]:
+def save_run_checkpoint(run: Run, pos: Position, payload: Optional[dict[str, Any]],
+                        **resume: Any) -> Optional[Path]:
     """Write ``<ckpt_dir>/<step>.pt`` atomically: ``payload`` (the models, optimizers ...) plus ``steps`` and the
     exact resume state (position, every rank's RNG, ``resume`` extras). Collective: every rank calls it at the
     same step; rank 0 writes (nothing with ``--no-local-save``); returns the path on rank 0."""
@@ -133,6 +136,8 @@ def save_checkpoint(run: Run, pos: Position, payload: Optional[dict[str, Any]], 
     if run.info.is_main and run.save and payload is not None:
         path = atomic_save({**payload, "steps": pos.step, "resume": state}, run.ckpt_dir / f"{pos.step:07d}.pt")
         run.logger.info(f"Saved checkpoint to {path}")
+        if run.save_format == "safetensors":
+            run.logger.info(f"and its weights to {write_checkpoint(payload, path.with_suffix('.safetensors'))}")
     barrier()
     return path
 

@@ -4,20 +4,24 @@
 ``aggregation_layer``, ``layers.{i}.*``, ``ar_head.{i}.*``, ``norm``, ``output_{1..F}``), so no renaming is
 needed in either direction: a file holds the model's own state dict and a released file loads with
 ``load_state_dict``. What these helpers add is a single clear error for a file that does not fit, the
-config inferred from the weights alone, and atomic saving.
+config (stored in our files as ``"config"``; for released files inferred from the weights alone), and atomic
+saving.
 
-Weights cannot tell the number of attention heads; every FAR / LlamaGen size uses 64-dimensional heads, so
-that is assumed unless ``n_head`` is given (or the training checkpoint's ``args.gpt_model`` names a size).
+Weights cannot tell the number of attention heads; for a file without a stored config, every FAR / LlamaGen
+size uses 64-dimensional heads, so that is assumed unless ``n_head`` is given (or the training checkpoint's
+``args.gpt_model`` names a size).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from typing import Any, Mapping, Optional
 
 import torch
 
-from utils.checkpoint import CheckpointError, atomic_save, check_state_dict, extract_weights, load_file
+from utils.checkpoint import (MODEL_FIRST, CheckpointError, LoadedFrom, check_state_dict, extract_weights, load_file,
+                              write_checkpoint, stored_config)
 from utils.factors import preset_name
 
 from .far import FAR, FAR_models, FARConfig, find_multiple, rope_table
@@ -94,35 +98,59 @@ def _n_head_from_args(ckpt: Any) -> Optional[int]:
 
 
 def load_far(path: str | os.PathLike, map_location: str | torch.device = "cpu",
-             expect_factors: Optional[int] = None, prefer: tuple[str, ...] = ("ema", "model", "state_dict"),
-             dtype: Optional[torch.dtype] = None, **overrides) -> FAR:
-    """Build a FAR from a checkpoint file (released or ours), load its weights, return it in eval mode.
+             expect_factors: Optional[int] = None, prefer: tuple[str, ...] = MODEL_FIRST,
+             dtype: Optional[torch.dtype] = None, unsafe_load: Optional[bool] = None, **overrides) -> FAR:
+    """Build a FAR from a checkpoint (a path or an ``hf://`` name; ``.pt`` released or ours, or safetensors),
+    load its weights, return it in eval mode; ``model.loaded_from`` says which weights and config.
 
-    ``prefer``: the order in which weight entries are tried (EMA first). ``expect_factors`` turns a file with
-    another factor count into a clear error. Keyword arguments override config fields (``n_head``,
-    ``block_size`` ...)."""
-    ckpt = load_file(path, map_location)
-    sd, _ = extract_weights(ckpt, path, prefer)
-    overrides.setdefault("n_head", _n_head_from_args(ckpt))
-    cfg = infer_far_config(sd, path, **overrides)
+    ``prefer``: the order in which weight entries are tried (``"model"`` first, the weights the original
+    sampler reads; ``prefer=("ema",)`` for the EMA weights). ``expect_factors`` turns a file with another factor
+    count into a clear error. Keyword arguments override config fields (``n_head``, ``block_size`` ...).
+    ``unsafe_load``: see ``utils.checkpoint.load_file``."""
+    return far_from_checkpoint(load_file(path, map_location, unsafe_load), path, expect_factors, prefer, dtype,
+                               **overrides)
+
+
+def far_from_checkpoint(ckpt: Any, path: str | os.PathLike = "<checkpoint>", expect_factors: Optional[int] = None,
+                        prefer: tuple[str, ...] = MODEL_FIRST, dtype: Optional[torch.dtype] = None,
+                        **overrides) -> FAR:
+    """``load_far`` for a checkpoint already read with ``load_file``."""
+    sd, key = extract_weights(ckpt, path, prefer)
+    cfg = stored_config(FARConfig, ckpt, path, "FAR weights", **overrides)
+    from_file = cfg is not None
+    if cfg is None:
+        overrides.setdefault("n_head", _n_head_from_args(ckpt))
+        cfg = infer_far_config(sd, path, **overrides)
     if expect_factors is not None and cfg.num_factors != expect_factors:
         raise CheckpointError(f"{path}: holds {describe_far(cfg)}, but {expect_factors} factors were expected")
     with torch.device("meta"):  # no time spent initialising weights that are about to be overwritten
         model = FAR(cfg)
-    load_far_weights(model, sd, path)
+    try:
+        load_far_weights(model, sd, path)
+    except CheckpointError as e:
+        if from_file:
+            raise CheckpointError(f"{e} (the model was built from the config stored in the file)") from None
+        raise
     if dtype is not None:
         model = model.to(dtype)
+    model.loaded_from = LoadedFrom(str(path), key, from_file)
     return model.eval()
 
 
 def far_checkpoint(model: FAR, ema: Optional[FAR] = None, **extra: Any) -> dict[str, Any]:
+    """A checkpoint dict in the released layout (``model``, optionally ``ema``), the model's ``config`` (which
+    loading builds from) and ``extra`` entries."""
     ckpt: dict[str, Any] = {"model": model.state_dict()}
     if ema is not None:
         ckpt["ema"] = ema.state_dict()
+    ckpt["config"] = dataclasses.asdict(model.config)
     ckpt.update(extra)
     return ckpt
 
 
-def save_far(path: str | os.PathLike, model: FAR, ema: Optional[FAR] = None, **extra: Any) -> None:
-    """Write ``model`` (and ``ema``) atomically as a checkpoint the original FQGAN code can load."""
-    atomic_save(far_checkpoint(model, ema, **extra), path)
+def save_far(path: str | os.PathLike, model: FAR, ema: Optional[FAR] = None, save_format: Optional[str] = None,
+             **extra: Any) -> None:
+    """Write ``model`` (and ``ema``) atomically: a ``.pt`` checkpoint the original FQGAN code can load, or with
+    ``save_format="safetensors"`` (default for a ``.safetensors`` path) a weights-only file of ``model``'s
+    weights and config."""
+    write_checkpoint(far_checkpoint(model, ema, **extra), path, save_format)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from autoregressive.models import FAR_models, describe_far, generate, load_far
 from tokenizer.models import check_tokenizer_flags, describe_tokenizer, load_tokenizer
-from utils.checkpoint import CheckpointError
+from utils.checkpoint import CheckpointError, add_unsafe_load_argument, weight_preference
 from utils.data import rank_shard
 from utils.distributed import cleanup, init_distributed
 from utils.images import save_grid, to_uint8
@@ -33,6 +33,8 @@ def get_parser(num_factors: int) -> argparse.ArgumentParser:
     p.add_argument("--gpt-model", type=str, choices=list(FAR_models), default="FAR-B",
                    help="names the output; the checkpoint decides the architecture")
     p.add_argument("--gpt-ckpt", type=str, required=True)
+    p.add_argument("--ema", action="store_true", help="sample with the generator's EMA weights (default: 'model', "
+                                                      "as the original sampler)")
     p.add_argument("--gpt-type", type=str, choices=["c2i"], default="c2i")
     p.add_argument("--from-fsdp", action="store_true", help="accepted; our FSDP checkpoints are full state dicts")
     p.add_argument("--cls-token-num", type=int, default=1)
@@ -41,6 +43,8 @@ def get_parser(num_factors: int) -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
     p.add_argument("--vq-model", type=str, choices=["VQ-16", "VQ-8"], default=None, help="checked against the ckpt")
     p.add_argument("--vq-ckpt", type=str, required=True)
+    p.add_argument("--vq-ema", action="store_true", help="decode with the tokenizer's EMA weights (default: 'model', "
+                                                         "which extraction encodes with)")
     p.add_argument("--codebook-size", type=int, default=None, help="checked against the tokenizer checkpoint")
     p.add_argument("--codebook-embed-dim", type=int, default=None, help="checked against the tokenizer checkpoint")
     p.add_argument("--image-size", type=int, default=256)
@@ -60,6 +64,7 @@ def get_parser(num_factors: int) -> argparse.ArgumentParser:
     p.add_argument("--class-balanced", action="store_true", help="the same number of samples for every class")
     p.add_argument("--grid-samples", type=int, default=64, help="how many samples the PNG grid shows")
     p.add_argument("--name", type=str, default=None, help="output name (default: the original's naming)")
+    add_unsafe_load_argument(p)
     return p
 
 
@@ -100,9 +105,10 @@ def main(argv=None, num_factors: int = 2) -> Path:
     grid = args.image_size // args.downsample_size
     try:
         # the original sampler decodes with the tokenizer's "model" weights, as its codes were extracted with
-        tokenizer = load_tokenizer(args.vq_ckpt, expect_factors=num_factors, prefer=("model", "ema", "state_dict"))
+        tokenizer = load_tokenizer(args.vq_ckpt, expect_factors=num_factors, prefer=weight_preference(args.vq_ema))
         check_tokenizer_flags(args, tokenizer)
-        far = load_far(args.gpt_ckpt, expect_factors=num_factors, block_size=grid * grid)
+        far = load_far(args.gpt_ckpt, expect_factors=num_factors, prefer=weight_preference(args.ema),
+                       block_size=grid * grid)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     if far.config.vocab_size != tokenizer.config.codebook_size:
@@ -116,7 +122,8 @@ def main(argv=None, num_factors: int = 2) -> Path:
                  f"({tokenizer.config.downsample})")
     tokenizer = tokenizer.to(device)
     far = far.to(device=device, dtype=dtype)
-    log(f"Generator: {describe_far(far.config)} ({args.gpt_ckpt}); tokenizer: {describe_tokenizer(tokenizer.config)}")
+    log(f"Generator: {describe_far(far.config)} from {far.loaded_from}; "
+        f"tokenizer: {describe_tokenizer(tokenizer.config)} from {tokenizer.loaded_from}")
 
     n = args.num_fid_samples
     labels = sample_labels(n, args.num_classes, args.global_seed, args.class_balanced)

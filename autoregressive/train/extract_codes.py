@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from autoregressive.data.code_store import CodeStoreWriter
 from tokenizer.models import check_tokenizer_flags, describe_tokenizer, load_tokenizer
-from utils.checkpoint import CheckpointError
+from utils.checkpoint import CheckpointError, add_unsafe_load_argument, weight_preference
 from utils.data import ImageFolderSafe, center_crop_arr, eval_batches, rank_shard, to_model_range
 from utils.distributed import all_reduce_sum, cleanup, init_distributed
 
@@ -28,6 +28,8 @@ def get_parser(num_factors: int) -> argparse.ArgumentParser:
     p.add_argument("--code-path", type=str, required=True)
     p.add_argument("--vq-model", type=str, choices=["VQ-16", "VQ-8"], default=None, help="checked against the ckpt")
     p.add_argument("--vq-ckpt", type=str, required=True)
+    p.add_argument("--ema", action="store_true",
+                   help="encode with the tokenizer's EMA weights (default: 'model', as the original extraction)")
     p.add_argument("--codebook-size", type=int, default=None, help="checked against the checkpoint")
     p.add_argument("--codebook-embed-dim", type=int, default=None, help="checked against the checkpoint")
     p.add_argument("--dataset", type=str, default="imagenet")
@@ -39,6 +41,7 @@ def get_parser(num_factors: int) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (each with all its views)")
     p.add_argument("--num-images", type=int, default=0, help="only the first N images (0: all)")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    add_unsafe_load_argument(p)
     return p
 
 
@@ -64,14 +67,14 @@ def main(argv=None, num_factors: int = 2) -> None:
     log = print if info.is_main else (lambda *a, **k: None)
     try:
         # The original extraction reads the "model" weights (not "ema"); so do we, for identical codes.
-        model = load_tokenizer(args.vq_ckpt, expect_factors=num_factors, prefer=("model", "ema", "state_dict"))
+        model = load_tokenizer(args.vq_ckpt, expect_factors=num_factors, prefer=weight_preference(args.ema))
         check_tokenizer_flags(args, model)
         dataset = ImageFolderSafe(args.data_path, views_transform(args.image_size, args.ten_crop, args.crop_range),
                                   args.image_size)
     except (CheckpointError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     model = model.to(info.device)
-    log(f"Extracting codes with {describe_tokenizer(model.config)} from {args.vq_ckpt}")
+    log(f"Extracting codes with {describe_tokenizer(model.config)} from {model.loaded_from}")
     n = min(len(dataset), args.num_images) if args.num_images else len(dataset)
     shard = rank_shard(n, info.rank, info.world_size)
     num_views = 10 if args.ten_crop else 2
@@ -90,9 +93,9 @@ def main(argv=None, num_factors: int = 2) -> None:
         writer.write(codes.reshape(b, num_views, num_factors, -1).cpu().numpy(), y.numpy())
     all_reduce_sum(skipped)
     writer.close(num_classes=len(dataset.classes), extra={
-        "vq_ckpt": str(args.vq_ckpt), "tokenizer": describe_tokenizer(model.config), "image_size": args.image_size,
-        "ten_crop": args.ten_crop, "crop_range": args.crop_range, "data_path": str(args.data_path),
-        "skipped": int(skipped.item()), "classes": dataset.classes})
+        "vq_ckpt": str(args.vq_ckpt), "vq_weights": model.loaded_from.weights, "tokenizer": describe_tokenizer(model.config),
+        "image_size": args.image_size, "ten_crop": args.ten_crop, "crop_range": args.crop_range,
+        "data_path": str(args.data_path), "skipped": int(skipped.item()), "classes": dataset.classes})
     if skipped.item():
         log(f"Skipped {int(skipped.item())} unreadable images")
     log(f"Saved codes of {n - int(skipped.item())} images x {num_views} views to {args.code_path}")

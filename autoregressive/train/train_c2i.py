@@ -11,7 +11,6 @@ released key names (``model``, ``ema``, ``optimizer``, ``steps``, ``args``) and 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from autoregressive.data.code_store import CodeDataset, collate_codes
 from autoregressive.models import FAR, FAR_models, describe_far, far_checkpoint, far_config, load_far_weights
 from autoregressive.models.far import FARConfig, TransformerBlock
-from utils.checkpoint import extract_weights, load_file
+from utils.checkpoint import SAVE_FORMATS, add_unsafe_load_argument, extract_weights, load_file
 from utils.data import ResumableSampler, epoch_loader
 from utils.distributed import cleanup, is_distributed
 from utils.ema import requires_grad, update_ema
@@ -33,7 +32,7 @@ from utils.logging import MetricWriter
 from utils.progress import MetricAverager, Throughput, report
 from utils.rng import seed_everything
 from utils.run import (Position, Run, StopSignal, epoch_batches, fail, find_resume, restore_position,
-                       resume_command, save_checkpoint, start_run)
+                       resume_command, save_run_checkpoint, start_run)
 from utils.steps import (NonFiniteGuard, accumulation, autocast_context, fused_kwargs, grad_scaler,
                          optimizer_step)
 
@@ -84,6 +83,10 @@ def get_parser(num_factors: int) -> argparse.ArgumentParser:
     p.add_argument("--max-nonfinite-steps", type=int, default=100,
                    help="stop after this many optimizer steps in a row skipped for a NaN/inf loss or gradient "
                         "(0: never)")
+    p.add_argument("--save-format", choices=SAVE_FORMATS, default="pt",
+                   help="safetensors: beside each NNNNNNN.pt also write NNNNNNN.safetensors (the 'model' weights "
+                        "and the config only; resuming needs the .pt)")
+    add_unsafe_load_argument(p)
     return p
 
 
@@ -148,10 +151,9 @@ class Trainer:
     def save(self, pos: Position) -> Optional[Path]:
         """A checkpoint at ``pos`` (collective: under FSDP every rank takes part in gathering the weights)."""
         weights, opt_state = full_state(self.model, self.optimizer, self.args.fsdp)
-        ckpt = far_checkpoint(self.model, self.ema, optimizer=opt_state, args=self.args,
-                              config=dataclasses.asdict(self.config))
+        ckpt = far_checkpoint(self.model, self.ema, optimizer=opt_state, args=self.args)
         ckpt["model"] = weights
-        return save_checkpoint(self.run, pos, ckpt, scaler=self.scaler.state_dict())
+        return save_run_checkpoint(self.run, pos, ckpt, scaler=self.scaler.state_dict())
 
 
 def build(args, num_factors: int) -> Trainer:

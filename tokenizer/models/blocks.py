@@ -16,8 +16,11 @@ def swish(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x)
 
 
+NORM_GROUPS = 32  # every conv width of the encoder / decoder must be a multiple of this
+
+
 def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+    return nn.GroupNorm(num_groups=NORM_GROUPS, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):

@@ -14,7 +14,8 @@ the factor instead. The mapping is a pure renaming, one-to-one in both direction
 
 Every file this project writes uses the released names, so the original code reads our checkpoints and ours
 reads theirs. ``released_state_dict`` / ``load_tokenizer_weights`` convert; ``load_tokenizer`` builds the
-right model (factor count, VQ-8 / VQ-16, heads or not) from a file alone.
+right model from a file alone: from the config our files carry (``"config"``, checked against the weights), or
+for released files (no config) from the weights' key names and shapes (factor count, VQ-8 / VQ-16, heads).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from utils.checkpoint import CheckpointError, atomic_save, check_state_dict, extract_weights, load_file
+from utils.checkpoint import (EMA_FIRST, CheckpointError, LoadedFrom, check_state_dict, extract_weights, load_file,
+                              stored_config, write_checkpoint)
 from utils.factors import PRESET_FACTORS, preset_of, preset_name
 
 from .fqgan import FactorConfig, FactorizedTokenizer, TokenizerConfig, preset_factors
@@ -176,34 +178,57 @@ def infer_tokenizer_config(sd: Mapping[str, torch.Tensor], path: str | os.PathLi
 
 
 def load_tokenizer(path: str | os.PathLike, map_location: str | torch.device = "cpu",
-                   expect_factors: Optional[int] = None, prefer: tuple[str, ...] = ("ema", "model", "state_dict"),
-                   **overrides) -> FactorizedTokenizer:
-    """Build a tokenizer from a checkpoint file (released or ours) and load its weights, in eval mode.
+                   expect_factors: Optional[int] = None, prefer: tuple[str, ...] = EMA_FIRST,
+                   unsafe_load: Optional[bool] = None, **overrides) -> FactorizedTokenizer:
+    """Build a tokenizer from a checkpoint (a path or an ``hf://`` name; ``.pt`` released or ours, or
+    safetensors) and load its weights, in eval mode; ``model.loaded_from`` says which weights and config.
 
     ``prefer`` is the order in which weight entries are tried (EMA weights first, as the original evaluation
-    does). ``expect_factors`` turns a file with another factor count into a clear error. Extra keyword
-    arguments override config fields that weights cannot tell (e.g. ``entropy_loss_ratio``)."""
-    ckpt = load_file(path, map_location)
-    sd, _ = extract_weights(ckpt, path, prefer)
-    cfg = infer_tokenizer_config(sd, path, **overrides)
+    does; code extraction and sampling read ``"model"`` first, as the original does). ``expect_factors`` turns a
+    file with another factor count into a clear error. Extra keyword arguments override config fields that
+    weights cannot tell (e.g. ``entropy_loss_ratio``). ``unsafe_load``: see ``utils.checkpoint.load_file``."""
+    return tokenizer_from_checkpoint(load_file(path, map_location, unsafe_load), path, expect_factors, prefer,
+                                     **overrides)
+
+
+def tokenizer_from_checkpoint(ckpt: Any, path: str | os.PathLike = "<checkpoint>",
+                              expect_factors: Optional[int] = None, prefer: tuple[str, ...] = EMA_FIRST,
+                              **overrides) -> FactorizedTokenizer:
+    """``load_tokenizer`` for a checkpoint already read with ``load_file``."""
+    sd, key = extract_weights(ckpt, path, prefer)
+    cfg = stored_config(TokenizerConfig, ckpt, path, "FQGAN tokenizer weights", **overrides)
+    from_file = cfg is not None
+    if cfg is None:
+        cfg = infer_tokenizer_config(sd, path, **overrides)
     if expect_factors is not None and cfg.num_factors != expect_factors:
         raise CheckpointError(f"{path}: holds {describe_tokenizer(cfg)}, but {expect_factors} factors were "
                               f"expected (use the {preset_name(cfg.num_factors)} entry point)")
     model = FactorizedTokenizer(cfg)
-    load_tokenizer_weights(model, sd, path)
+    try:
+        load_tokenizer_weights(model, sd, path)
+    except CheckpointError as e:
+        if from_file:
+            raise CheckpointError(f"{e} (the model was built from the config stored in the file)") from None
+        raise
+    model.loaded_from = LoadedFrom(str(path), key, from_file)
     return model.eval()
 
 
 def tokenizer_checkpoint(model: FactorizedTokenizer, ema: Optional[FactorizedTokenizer] = None,
                          **extra: Any) -> dict[str, Any]:
-    """A checkpoint dict in the released layout (``model``, optionally ``ema``) plus ``extra`` entries."""
+    """A checkpoint dict in the released layout (``model``, optionally ``ema``), the model's ``config`` (which
+    loading builds from) and ``extra`` entries."""
     ckpt: dict[str, Any] = {"model": released_state_dict(model)}
     if ema is not None:
         ckpt["ema"] = released_state_dict(ema)
+    ckpt["config"] = dataclasses.asdict(model.config)
     ckpt.update(extra)
     return ckpt
 
 
-def save_tokenizer(path: str | os.PathLike, model: FactorizedTokenizer, **extra: Any) -> None:
-    """Write ``model`` atomically as a checkpoint the original FQGAN code can load."""
-    atomic_save(tokenizer_checkpoint(model, **extra), path)
+def save_tokenizer(path: str | os.PathLike, model: FactorizedTokenizer, save_format: Optional[str] = None,
+                   **extra: Any) -> None:
+    """Write ``model`` atomically: a ``.pt`` checkpoint the original FQGAN code can load, or with
+    ``save_format="safetensors"`` (default for a ``.safetensors`` path) a weights-only file (weights + config;
+    ``extra`` entries such as ``ema`` or optimizer state are not stored)."""
+    write_checkpoint(tokenizer_checkpoint(model, **extra), path, save_format)

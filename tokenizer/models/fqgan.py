@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from utils.factors import PRESET_FACTORS
 
-from .blocks import group_norm, swish
+from .blocks import NORM_GROUPS, group_norm, swish
 from .convnet import Decoder, EncoderTrunk
 from .heads import FactorAdapter, FeaturePredictionHead
 from .quantizer import QuantizerOutput, VectorQuantizer
@@ -81,13 +81,46 @@ class TokenizerConfig:
     base_image_size: int = 256  # the learned positions cover base_image_size / downsample squared tokens
 
     def __post_init__(self):
+        # A config read back from a checkpoint (dataclasses.asdict, or JSON) has dicts and lists here.
+        object.__setattr__(self, "factors", tuple(FactorConfig(**f) if isinstance(f, dict) else f
+                                                  for f in self.factors))
+        object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
+        self._check()
+
+    def _check(self) -> None:
+        """Reject what cannot build (or would fail deep inside torch) with one line naming the field."""
+        def fail(msg):
+            raise ValueError(f"TokenizerConfig: {msg}")
         if not self.factors:
-            raise ValueError("a tokenizer needs at least one factor")
+            fail("a tokenizer needs at least one factor")
         names = [f.name for f in self.factors]
         if len(set(names)) != len(names):
-            raise ValueError(f"factor names must be unique, got {names}")
-        object.__setattr__(self, "factors", tuple(self.factors))
-        object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
+            fail(f"factor names must be unique, got {names}")
+        if not self.ch_mult or any(not isinstance(m, int) or m < 1 for m in self.ch_mult):
+            fail(f"ch_mult {self.ch_mult} must be one or more positive integers (one per level, e.g. 1,2,2)")
+        if self.ch < 1 or self.ch % NORM_GROUPS:
+            fail(f"ch {self.ch} must be a positive multiple of {NORM_GROUPS} (every conv width ch x ch_mult[i] is "
+                 f"group-normalised in {NORM_GROUPS} groups)")
+        for field_name in ("num_res_blocks", "z_channels", "codebook_size", "codebook_embed_dim", "adapter_heads",
+                           "head_heads", "base_image_size"):
+            if getattr(self, field_name) < 1:
+                fail(f"{field_name} must be >= 1, got {getattr(self, field_name)}")
+        for field_name in ("adapter_layers", "head_layers"):
+            if getattr(self, field_name) < 0:
+                fail(f"{field_name} must be >= 0, got {getattr(self, field_name)}")
+        width = self.ch * self.ch_mult[-1]
+        if width % self.adapter_heads:
+            fail(f"the adapters' width ch x ch_mult[-1] = {width} is not divisible by adapter_heads "
+                 f"{self.adapter_heads}")
+        for f in self.factors:
+            if f.head_width < 0 or (f.head_width and self.with_feature_heads and f.head_width % self.head_heads):
+                fail(f"factor {f.name}: head_width {f.head_width} must be a multiple of head_heads "
+                     f"{self.head_heads} (0: no feature head)")
+        if self.base_image_size < self.downsample:
+            fail(f"base_image_size {self.base_image_size} is smaller than the downsampling factor {self.downsample} "
+                 f"(2 ** (len(ch_mult) - 1)): no code positions")
+        if not 0 <= self.dropout_p < 1:
+            fail(f"dropout_p {self.dropout_p} must be in [0, 1)")
 
     @property
     def downsample(self) -> int:
