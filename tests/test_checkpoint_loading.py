@@ -162,7 +162,7 @@ def test_released_layout_files_saved_as_the_original_saves_them_load(tmp_path):
     ckpt = load_file(tmp_path / "original.pt")
     assert ckpt["args"] == args and ckpt["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.95)
 
-    from utils.training import rng_state
+    from utils.rng import rng_state
     random.seed(3), np.random.seed(3)
     scaler = torch.amp.GradScaler("cpu", enabled=True)
     resume = {"epoch": 1, "batch_in_epoch": 2, "rng": [rng_state()], "scaler": scaler.state_dict()}
