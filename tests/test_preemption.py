@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 
 from test_far_pipeline import FAR_TINY
@@ -141,3 +143,39 @@ def test_optimizer_step_skips_nonfinite_gradients_on_the_device():
     _, skipped = step(1.0)
     guard.update(skipped)
     assert not skipped and guard.check() == (0, None)
+
+
+def test_killed_extraction_resumes_without_redoing_finished_images(setup, tmp_path, monkeypatch):
+    from autoregressive.data import code_store
+    from autoregressive.train import extract_codes
+
+    args = ["--vq-ckpt", str(setup / "dual.pt"), "--data-path", str(setup / "data"), "--image-size", "32",
+            "--num-workers", "0", "--batch-size", "4"]
+    extract_codes.main(args + ["--code-path", str(tmp_path / "reference")])
+    reference = code_store.CodeDataset(tmp_path / "reference")
+
+    real_write, calls = code_store.CodeStoreWriter.write, []
+
+    def dies_after_one_batch(self, *a, **k):
+        if calls:
+            raise KeyboardInterrupt  # stands for the kill: nothing after the first batch is written
+        calls.append(1)
+        real_write(self, *a, **k)
+
+    monkeypatch.setattr(code_store.CodeStoreWriter, "write", dies_after_one_batch)
+    with pytest.raises(KeyboardInterrupt):
+        extract_codes.main(args + ["--code-path", str(tmp_path / "codes")])
+    monkeypatch.setattr(code_store.CodeStoreWriter, "write", real_write)
+    partial = np.load(tmp_path / "codes" / ".codes_00000.npy.tmp", mmap_mode="r+")
+    partial[0] = 63  # mark a finished image: a resumed run must not encode it again
+    partial.flush()
+    del partial
+
+    extract_codes.main(args + ["--code-path", str(tmp_path / "codes")])
+    resumed = code_store.CodeDataset(tmp_path / "codes")
+    assert len(resumed) == len(reference) == 12 and not list((tmp_path / "codes").glob(".*"))
+    codes, labels = resumed.__getitems__(list(range(12)))
+    ref_codes, ref_labels = reference.__getitems__(list(range(12)))
+    assert torch.equal(labels, ref_labels)
+    assert (codes[0] == 63).all()  # kept from the interrupted run
+    assert torch.equal(codes[1:], ref_codes[1:])  # the first batch's other images as encoded then, the rest now

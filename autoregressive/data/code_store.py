@@ -64,10 +64,15 @@ def _shard_names(rank: int) -> tuple[str, str]:
 class CodeStoreWriter:
     """Collective writer: every rank creates one with its own item count, fills it with ``write``, then all
     call ``close``. Files are written under temporary names and renamed at the end, and the manifest is written
-    last, so an interrupted extraction never looks complete."""
+    last, so an interrupted extraction never looks complete.
+
+    Resumable: after every ``write`` the rank's progress (items written, the caller's ``state``) is recorded
+    beside its temporary files. A writer created again with the same ``fingerprint`` (what the items depend on:
+    checkpoint, data, crops, world size ...) and shapes continues after the last recorded write: ``filled`` and
+    ``state`` say where; anything else starts over."""
 
     def __init__(self, root: str | os.PathLike, count: int, num_augs: int, factor_names: list[str],
-                 grid: tuple[int, int], vocab_size: int):
+                 grid: tuple[int, int], vocab_size: int, fingerprint: Optional[dict[str, Any]] = None):
         self.root = Path(root)
         self.rank = get_rank()
         self.count, self.num_augs = count, num_augs
@@ -80,19 +85,40 @@ class CodeStoreWriter:
         codes_name, labels_name = _shard_names(self.rank)
         self.files = [(self.root / f".{codes_name}.tmp", self.root / codes_name),
                       (self.root / f".{labels_name}.tmp", self.root / labels_name)]
+        self.progress_file = self.root / f".progress_{self.rank:05d}.json"
         shape = (count, num_augs, len(factor_names), grid[0] * grid[1])
-        self.codes = np.lib.format.open_memmap(self.files[0][0], mode="w+", dtype=self.dtype, shape=shape)
-        self.labels = np.lib.format.open_memmap(self.files[1][0], mode="w+", dtype=np.int32, shape=(count,))
-        self.filled = 0
+        self.key = {"shape": list(shape), "dtype": self.dtype.name, "fingerprint": fingerprint or {}}
+        done = self._recorded_progress()
+        mode = "r+" if done is not None else "w+"
+        self.codes = np.lib.format.open_memmap(self.files[0][0], mode=mode, dtype=self.dtype, shape=shape)
+        self.labels = np.lib.format.open_memmap(self.files[1][0], mode=mode, dtype=np.int32, shape=(count,))
+        self.filled, self.state = (done["filled"], done["state"]) if done is not None else (0, {})
 
-    def write(self, codes: np.ndarray, labels: np.ndarray) -> None:
-        """Append items: ``codes`` (b, augs, factors, tokens) integer, ``labels`` (b,)."""
+    def _recorded_progress(self) -> Optional[dict[str, Any]]:
+        """The progress of an interrupted run of the same extraction, if its files are all there."""
+        if not (self.progress_file.is_file() and all(tmp.is_file() for tmp, _ in self.files)):
+            return None
+        try:
+            done = json.loads(self.progress_file.read_text())
+        except ValueError:
+            return None
+        return done if done.get("key") == self.key else None
+
+    def write(self, codes: np.ndarray, labels: np.ndarray, state: Optional[dict[str, Any]] = None) -> None:
+        """Append items: ``codes`` (b, augs, factors, tokens) integer, ``labels`` (b,); ``state`` (JSON) is
+        recorded with the progress and handed back by a resumed writer."""
         b = len(codes)
         if codes.size and (codes.min() < 0 or codes.max() >= self.vocab_size):
             raise CodeStoreError(f"codes outside [0, {self.vocab_size}) cannot be stored")
         self.codes[self.filled:self.filled + b] = codes
         self.labels[self.filled:self.filled + b] = labels
         self.filled += b
+        self.state = state or {}
+        self.codes.flush()
+        self.labels.flush()
+        tmp = self.progress_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": self.key, "filled": self.filled, "state": self.state}))
+        os.replace(tmp, self.progress_file)
 
     def close(self, num_classes: int = 0, extra: Optional[dict[str, Any]] = None) -> Optional[CodeStoreInfo]:
         if self.filled != self.count:
@@ -102,6 +128,7 @@ class CodeStoreWriter:
         del self.codes, self.labels
         for tmp, final in self.files:
             os.replace(tmp, final)
+        self.progress_file.unlink(missing_ok=True)
         counts = all_gather_objects(self.count)
         info = None
         if self.rank == 0:

@@ -79,21 +79,30 @@ def main(argv=None, num_factors: int = 2) -> None:
     shard = rank_shard(n, info.rank, info.world_size)
     num_views = 10 if args.ten_crop else 2
     grid = (args.image_size // model.config.downsample,) * 2
+    # What the codes depend on: a killed extraction rerun with the same command continues where it stopped.
+    fingerprint = {"vq_ckpt": str(args.vq_ckpt), "vq_weights": model.loaded_from.weights,
+                   "data_path": str(args.data_path), "images": n, "image_size": args.image_size,
+                   "ten_crop": args.ten_crop, "crop_range": args.crop_range, "world_size": info.world_size}
     writer = CodeStoreWriter(args.code_path, len(shard), num_views, model.factor_names, grid,
-                             model.config.codebook_size)
-    batches = eval_batches(dataset, shard, args.batch_size, args.num_workers, allow_bad=True)
-    skipped = torch.zeros(1, dtype=torch.long)
-    for x, y, _, bad in tqdm(batches, total=-(-len(shard) // args.batch_size), disable=not info.is_main,
+                             model.config.codebook_size, fingerprint)
+    if writer.filled:
+        print(f"rank {info.rank}: resuming an interrupted extraction after {writer.filled} of {len(shard)} images")
+    todo = shard[writer.filled:]
+    batches = eval_batches(dataset, todo, args.batch_size, args.num_workers, allow_bad=True)
+    skipped = torch.tensor([writer.state.get("skipped", 0)], dtype=torch.long)
+    for x, y, _, bad in tqdm(batches, total=-(-len(todo) // args.batch_size), disable=not info.is_main,
                              desc="codes"):
         b = len(x)
         skipped += int(bad.sum())
         y = torch.where(bad, torch.full_like(y, -1), y)
         x = x.to(info.device).flatten(0, 1)  # (b * views, 3, S, S)
         codes = model.encode_indices(x, batch_size=len(x))  # (b * views, F, h, w)
-        writer.write(codes.reshape(b, num_views, num_factors, -1).cpu().numpy(), y.numpy())
+        writer.write(codes.reshape(b, num_views, num_factors, -1).cpu().numpy(), y.numpy(),
+                     {"skipped": int(skipped)})
     all_reduce_sum(skipped)
     writer.close(num_classes=len(dataset.classes), extra={
-        "vq_ckpt": str(args.vq_ckpt), "vq_weights": model.loaded_from.weights, "tokenizer": describe_tokenizer(model.config),
+        "vq_ckpt": str(args.vq_ckpt), "vq_weights": model.loaded_from.weights,
+        "tokenizer": describe_tokenizer(model.config),
         "image_size": args.image_size, "ten_crop": args.ten_crop, "crop_range": args.crop_range,
         "data_path": str(args.data_path), "skipped": int(skipped.item()), "classes": dataset.classes})
     if skipped.item():
