@@ -87,10 +87,12 @@ fi
 # --- this issue: FID sampling -------------------------------------------------------------------------------
 # The decoder alone in every configuration (also warms the compiled decoder's cache for the next step).
 run decode_variants 120 "$PY" benchmarks/sample_fid.py --decode-variants --decode-batch-size 128
-# The headline: FAR-B dual, CFG 2.0, batch from free memory, compiled (+ CUDA graphs), 3 timed batches.
+# The headline: FAR-B dual, CFG 2.0, batch from free memory, compiled (+ CUDA graphs), 3 timed batches, then
+# the same again decoding on a second stream (images_per_s_decode_stream).
 SAMPLE_BATCH=${SAMPLE_BATCH:-}
 run sample_fid_farb_dual_compiled 240 "$PY" benchmarks/sample_fid.py --gpt-model FAR-B --factors 2 \
-  --cfg-scale 2.0 ${SAMPLE_BATCH:+--batch-size $SAMPLE_BATCH} --num-images ${SAMPLE_IMAGES:-3072}
+  --cfg-scale 2.0 ${SAMPLE_BATCH:+--batch-size $SAMPLE_BATCH} --num-images ${SAMPLE_IMAGES:-3072} \
+  --decode-stream both
 # Eager at the same batch (the auto rule gives the same batch): compiled must never be slower.
 run sample_fid_farb_dual_eager 120 "$PY" benchmarks/sample_fid.py --gpt-model FAR-B --factors 2 \
   --cfg-scale 2.0 ${SAMPLE_BATCH:+--batch-size $SAMPLE_BATCH} --no-compile --no-stages

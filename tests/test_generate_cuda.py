@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from autoregressive.models import FAR, far_config, generate, save_far
 from autoregressive.models.generate import _runners
@@ -40,7 +41,9 @@ def test_cuda_graph_generation_equals_eager(factors, kw):
     labels = torch.tensor([3, 7, 0, 9], device="cuda")
     greedy = dict(cfg_scale=2.0, top_k=1, seed=3)
     eager = generate(model, labels, **greedy)
+    before = counters["stats"]["unique_graphs"]
     compiled = generate(model, labels, compile=True, **greedy)  # inductor + one CUDA graph per position
+    assert counters["stats"]["unique_graphs"] - before == 1  # one compilation for all 63 attention lengths
     graphs_only = generate(model, labels, cuda_graphs=True, **greedy)  # eager kernels, captured
     assert compiled.shape == (4, 64, factors)
     assert torch.equal(compiled, eager) and torch.equal(graphs_only, eager)

@@ -38,6 +38,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 import torch._dynamo
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .far import FAR
 
@@ -180,9 +181,11 @@ _compiled: dict = {}
 
 def compiled_next_position():
     """``next_position`` compiled by inductor without CUDA graphs (we capture those ourselves, one per
-    position, which keeps their static buffers under our control)."""
+    position, which keeps their static buffers under our control). ``dynamic=False``: the only dynamic size
+    is the one ``_visible`` marks; a new batch or model compiles a new static graph rather than turning
+    other sizes symbolic."""
     if "next" not in _compiled:
-        _compiled["next"] = torch.compile(next_position, fullgraph=True, dynamic=None)
+        _compiled["next"] = torch.compile(next_position, fullgraph=True, dynamic=False)
     return _compiled["next"]
 
 
@@ -191,6 +194,14 @@ def _recompile_limit(n: int):
     several models in one process would exhaust dynamo's default budget (8) and fall back to eager silently."""
     name = next(k for k in ("recompile_limit", "cache_size_limit") if hasattr(torch._dynamo.config, k))
     return torch._dynamo.config.patch(**{name: max(n, getattr(torch._dynamo.config, name))})
+
+
+def _decode_attention():
+    """SDPA backends for decoding: flash (bf16/fp16), memory-efficient (float32) or math; not cuDNN, which
+    recent PyTorch prefers on H100/H200. cuDNN builds an execution plan per key length, i.e. per position,
+    and building one inside a CUDA-graph capture is not something to rely on; flash attention takes any
+    length and needs no mask here."""
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _visible(model: FAR, positions: torch.Tensor, t: int, compile: bool) -> torch.Tensor:
@@ -219,7 +230,9 @@ class CudaGraphGeneration:
       capture is kept, so the graphs can share one pool (they replay one after the other on one stream);
     * the position is baked into each graph (its ``visible`` view), the random streams come from ``keys``:
       no host sync and no generator state inside;
-    * compilation, autotuning and library initialisation happen in warm-up runs before any capture.
+    * every position runs once before any capture (one extra generation): compilation, autotuning and
+      library initialisation (cuBLAS workspaces, kernels for each attention length) never happen inside a
+      capture, whatever a PyTorch version decides to specialise.
     """
 
     @torch.no_grad()
@@ -238,8 +251,8 @@ class CudaGraphGeneration:
         self.positions = torch.arange(C + T, device=dev)
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(stream), _recompile_limit(64):
-            for t in sorted({0, min(1, T - 1), T - 1}):  # warm-up: compile, autotune, cuBLAS workspaces
+        with torch.cuda.stream(stream), _recompile_limit(64), _decode_attention():
+            for t in range(T):  # warm-up
                 self._position(model, t)
             torch.cuda.synchronize(dev)
             gc.collect()  # nothing collected mid-capture (torch.cuda.graph does the same, once per graph)
@@ -359,7 +372,7 @@ def generate(model: FAR, labels: Union[torch.Tensor, Sequence[int]], num_positio
         C = cfg.cls_token_num
         positions = torch.arange(C + T, device=device)
         out = torch.empty(B, T, Fn, dtype=torch.long, device=device)
-        with _recompile_limit(64):
+        with _recompile_limit(64), _decode_attention():
             codes = first_position(model, cond, keys, plans[0])
             out[:, 0] = codes
             for t in range(1, T):
