@@ -85,17 +85,14 @@ if ! "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/de
 fi
 
 # --- this issue: FID sampling -------------------------------------------------------------------------------
-# The decoder alone in every configuration (also warms the compiled decoder's cache for the next step).
-run decode_variants 120 "$PY" benchmarks/sample_fid.py --decode-variants --decode-batch-size 128
-# The headline: FAR-B dual, CFG 2.0, batch from free memory, compiled (+ CUDA graphs), 3 timed batches, then
-# the same again decoding on a second stream (images_per_s_decode_stream).
+# The headline: FAR-B dual, CFG 2.0, batch from free memory, compiled (+ CUDA graphs, compiled decoder), two
+# timed batches, then the same again decoding on a second stream (images_per_s_decode_stream).
 SAMPLE_BATCH=${SAMPLE_BATCH:-}
 run sample_fid_farb_dual_compiled 240 "$PY" benchmarks/sample_fid.py --gpt-model FAR-B --factors 2 \
-  --cfg-scale 2.0 ${SAMPLE_BATCH:+--batch-size $SAMPLE_BATCH} --num-images ${SAMPLE_IMAGES:-3072} \
-  --decode-stream both
-# Eager at the same batch (the auto rule gives the same batch): compiled must never be slower.
+  --cfg-scale 2.0 ${SAMPLE_BATCH:+--batch-size $SAMPLE_BATCH} --num-batches 2 --decode-stream both
+# Eager at the same batch (the free-memory rule gives the same one): compiled must never be slower.
 run sample_fid_farb_dual_eager 120 "$PY" benchmarks/sample_fid.py --gpt-model FAR-B --factors 2 \
-  --cfg-scale 2.0 ${SAMPLE_BATCH:+--batch-size $SAMPLE_BATCH} --no-compile --no-stages
+  --cfg-scale 2.0 ${SAMPLE_BATCH:+--batch-size $SAMPLE_BATCH} --num-batches 1 --no-compile --no-stages
 # The CUDA-only tests: compiled generation == eager, sampler under torchrun/NCCL, bf16 training steps.
 run pytest_cuda 240 "$PY" -c '
 import json, subprocess, sys, time
@@ -108,14 +105,16 @@ print(json.dumps({"benchmark": "pytest_cuda", "rc": r.returncode, "summary": lin
                   "failures": [l for l in lines if l.startswith(("FAILED", "ERROR"))][:10],
                   "seconds": round(time.time() - t0, 1)}))
 sys.exit(r.returncode)'
-# Eager generation alone at batch 256 (the figure the issue started from: 38.8 images/s on an H200).
+# The decoder alone: fp32, bf16, bf16 + channels_last, and that compiled (its compile hits the cache above).
+run decode_variants 120 "$PY" benchmarks/sample_fid.py --decode-variants --decode-batch-size 128
+# Eager generation alone at batch 256 (the issue's starting point: 38.8 images/s on an H200).
 run generate_farb_dual_eager_b256 90 "$PY" benchmarks/generate.py --gpt-model FAR-B --factors 2 \
   --batch-size 256 --cfg-scale 2.0 --loader-items 0
 
 # --- tokenizer benchmarks (GPU defaults) ----------------------------------------------------------------------
-run tokenizer 90 "$PY" benchmarks/tokenizer.py
-run reconstruct 90 "$PY" benchmarks/reconstruct.py
-run train_tokenizer 90 "$PY" benchmarks/train_tokenizer.py --batch-size 8
+run tokenizer 90 "$PY" benchmarks/tokenizer.py --iters 2
+run reconstruct 90 "$PY" benchmarks/reconstruct.py --iters 2
+run train_tokenizer 90 "$PY" benchmarks/train_tokenizer.py --batch-size 8 --iters 2
 
 # --- added by other issues: training and evaluator benchmarks --------------------------------------------------
 # Owners: put GPU-size flags here; keep each step's timeout within the suite budget (stdout: one JSON line).

@@ -46,7 +46,8 @@ def main(argv=None) -> dict:
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=None,
                    help="images generated at once (default: from free GPU memory, as the sampler; 4 on CPU)")
-    p.add_argument("--num-images", type=int, default=None, help="timed images (default: two batches)")
+    p.add_argument("--num-images", type=int, default=None, help="timed images (default: --num-batches batches)")
+    p.add_argument("--num-batches", type=int, default=2, help="timed batches when --num-images is not given")
     p.add_argument("--cfg-scale", type=float, default=2.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -107,7 +108,8 @@ def main(argv=None) -> dict:
     else:
         choice = auto_batch_size(cfg, guided, dtype, device, 1 << 30, decode_batch, args.image_size)
         batch, reason = choice.batch, choice.reason
-    n = args.num_images or 2 * batch
+    n = args.num_images or args.num_batches * batch
+    decode_batch = min(decode_batch, batch)
     decoder = ImageDecoder(tok, grid, args.image_size, decode_batch, decode_dtype, channels_last, compile_decoder,
                            stream=torch.cuda.Stream(device) if cuda and args.decode_stream == "on" else None)
     kw = dict(cfg_scale=args.cfg_scale, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,

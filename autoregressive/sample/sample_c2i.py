@@ -157,6 +157,7 @@ def main(argv=None, num_factors: int = 2) -> Path:
         log(f"--per-proc-batch-size {batch} ({choice.reason})")
     if batch < 1 or decode_batch < 1:
         sys.exit("error: --per-proc-batch-size and --decode-batch-size must be >= 1")
+    decode_batch = min(decode_batch, batch)  # a batch never needs more
     decoder = ImageDecoder(tokenizer, grid, size, decode_batch, decode_dtype,
                            channels_last=cuda if args.channels_last is None else args.channels_last,
                            compile=compile if args.compile_decoder is None else args.compile_decoder,
