@@ -265,8 +265,8 @@ class TransformerBlock(nn.Module):
         self.drop_path_p = drop_path_p
 
     def forward(self, x, rope, input_pos=None, mask=None, kv_len=None):
-        x = x + drop_path(self.attention(self.attention_norm(x), rope, input_pos, mask, kv_len), self.drop_path_p,
-                          self.training)
+        h = self.attention(self.attention_norm(x), rope, input_pos, mask, kv_len)
+        x = x + drop_path(h, self.drop_path_p, self.training)
         return x + drop_path(self.feed_forward(self.ffn_norm(x)), self.drop_path_p, self.training)
 
 
@@ -442,10 +442,11 @@ class FAR(nn.Module):
         """Run the trunk on x (B, S, D) at sequence positions input_pos (S,) with the cache; (B, S, D) out.
         Sequence position 0 is the class token, position p >= 1 holds the codes of grid position p - 1.
 
-        ``kv_len`` is the number of cache entries the queries attend to. Decoding passes max(input_pos) + 1:
-        attention then costs what the filled part of the cache costs, and a single query (S == 1) needs no
-        mask at all. Under torch.compile ``kv_len`` may be a symbolic size (one graph for every length).
-        None attends over the whole cache with a causal mask (static shapes, the slow reference)."""
+        ``kv_len`` is the number of cache entries the queries attend to; decoding passes max(input_pos) + 1,
+        so attention costs what the filled part of the cache costs. A single query (S == 1) then sees every
+        entry it attends to and needs no mask (for S == 1, kv_len must be input_pos + 1). Under torch.compile
+        ``kv_len`` may be a symbolic size (one graph for every length). None attends over the whole cache with
+        a causal mask (static shapes; the slow reference)."""
         S = x.shape[1]
         mask = None
         if kv_len is None or S > 1:

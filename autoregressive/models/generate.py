@@ -18,9 +18,9 @@ filled part of the cache, and SDPA can use its fastest kernels (flash attention 
 
 Random numbers are counter-based: the uniform of (image row, position, factor, vocabulary entry) is a hash of
 those integers and the seed, computed with integer tensor ops (``uniform_noise``). So sampling has no
-generator state to carry, runs inside compiled graphs and CUDA graphs without a host sync, gives the same
-bits eagerly and compiled, and an image's codes depend only on (seed, its row id, its label), not on the batch
-it was generated in or on the number of processes.
+generator state to carry, runs inside compiled graphs and CUDA graphs without a host sync, draws the same
+numbers eagerly and compiled, and an image's codes depend only on (seed, its row id, its label), not on the
+batch it was generated in or on the number of processes.
 
 ``compile=True`` compiles ``next_position`` (trunk step + every factor-head step + guidance + sampling) into ONE
 graph with torch.compile (``fullgraph=True``: a graph break is an error). Its only varying shape is the
@@ -62,9 +62,9 @@ _M32 = 0xFFFFFFFF
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (xor-shift-multiply, constants from Wellons' hash-prospector "lowbias32") on
+    """A 32-bit integer hash (xor-shift-multiply; the published constants of Wellons' hash-prospector) on
     int64 tensors holding values in [0, 2^32). Both multipliers are below 2^31, so every product stays below
-    2^63: no overflow, hence identical results in eager PyTorch, C++ and Triton kernels."""
+    2^63: no overflow, hence identical integers in eager PyTorch, C++ and Triton kernels."""
     x = x ^ (x >> 16)
     x = (x * 0x21F0AAAD) & _M32
     x = x ^ (x >> 15)
@@ -82,7 +82,7 @@ def row_keys(seed: Union[int, torch.Tensor], row_ids: torch.Tensor) -> torch.Ten
 def uniform_noise(keys: torch.Tensor, draw: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """(B, vocab_size) float32 uniforms in (0, 1) for draw number ``draw`` (an int64 tensor of one element:
     position * F + factor) of the streams ``keys`` (B,). Each value is a pure function of (key, draw, vocab
-    index): no state, no host sync, the same bits eagerly and compiled."""
+    index): no state, no host sync, the same bits eagerly and compiled (24-bit integers, exact in float32)."""
     k = _mix32(keys ^ _mix32(draw.reshape(()) & _M32))                                      # (B,)
     v = _mix32(torch.arange(vocab_size, device=keys.device, dtype=torch.int64) * 2 + 1)  # (V,)
     x = _mix32(v[None, :] ^ k[:, None])
