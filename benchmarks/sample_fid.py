@@ -38,6 +38,11 @@ from utils.npz import ShardedNpzWriter  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def note(message: str) -> None:
+    """Progress on stderr: what a timed-out run still tells (the GPU suite prints the tail)."""
+    print(f"[sample_fid] {message}", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpt-model", default="FAR-B", choices=sorted(FAR_models))
@@ -110,6 +115,7 @@ def main(argv=None) -> dict:
         batch, reason = choice.batch, choice.reason
     n = args.num_images or args.num_batches * batch
     decode_batch = min(decode_batch, batch)
+    note(f"{args.gpt_model} {factors} factors, batch {batch} ({reason}), {n} timed images, compile {compile}")
     decoder = ImageDecoder(tok, grid, args.image_size, decode_batch, decode_dtype, channels_last, compile_decoder,
                            stream=torch.cuda.Stream(device) if cuda and args.decode_stream == "on" else None)
     kw = dict(cfg_scale=args.cfg_scale, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
@@ -129,6 +135,7 @@ def main(argv=None) -> dict:
                       lambda rows, images, _: warm.write("arr_0", rows - n, images), **kw)
         sync()
         setup_s = time.perf_counter() - t0
+        note(f"setup (warm-up batch of {batch}: compile, capture) {setup_s:.1f} s")
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
 
@@ -152,11 +159,13 @@ def main(argv=None) -> dict:
             return run_s, close_s
 
         run_s, close_s = timed_run("samples")
+        note(f"pipeline: {n} images in {run_s:.1f} s, {n / run_s:.1f} images/s")
         peak_gb = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None
         extra = {}
         if cuda and args.decode_stream == "both":  # the same graphs and decoder, decoding on a second stream
             decoder.stream = torch.cuda.Stream(device)
             stream_s, _ = timed_run("samples_decode_stream")
+            note(f"pipeline with a decode stream: {n / stream_s:.1f} images/s")
             extra = {"images_per_s_decode_stream": round(n / stream_s, 2),
                      "minutes_for_50k_decode_stream": round(50000 / (n / stream_s) / 60, 2)}
 
