@@ -267,6 +267,7 @@ class CudaGraphGeneration:
                     g.capture_end()
                 self.graphs.append(g)
         torch.cuda.current_stream(dev).wait_stream(stream)
+        torch.cuda.empty_cache()  # the warm-up's blocks sit cached for the side stream, unusable by the main one
 
     def _position(self, m: FAR, t: int) -> None:
         if t == 0:
