@@ -4,8 +4,11 @@
 
 tokens_per_s counts positions x batch per second (each position carries one code per factor);
 images_per_s = tokens_per_s / positions per image, i.e. extrapolated when --num-positions is below the full
-image (the JSON says so). Decoding cost per position is flat in the position (static cache shapes), so the
-extrapolation is fair. The first --warmup positions run once beforehand, untimed (compilation, allocation).
+image (the JSON says so). Attention reads the filled part of the cache only, so later positions cost more
+than early ones and a prefix overestimates the full-image rate: time full images for real figures.
+An untimed warm-up generation runs first (compilation, CUDA-graph capture, allocation; its time is
+``setup_s``): --warmup positions, or the whole timed shape when CUDA graphs are on (they are per shape).
+See benchmarks/sample_fid.py for the whole pipeline (generation, decoding, writing).
 """
 from __future__ import annotations
 
@@ -39,7 +42,9 @@ def main(argv=None) -> dict:
     p.add_argument("--num-positions", type=int, default=256, help="positions generated per image (timed)")
     p.add_argument("--warmup", type=int, default=8, help="positions of the untimed warm-up generation")
     p.add_argument("--repeats", type=int, default=1, help="timed generations; the fastest is reported")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode steps (CUDA graphs on GPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the position step (CUDA graphs on GPU)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture every position as a CUDA graph (default: with --compile on CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--loader-items", type=int, default=8192,
@@ -62,15 +67,21 @@ def main(argv=None) -> dict:
         torch.nn.init.normal_(model.output(f).weight, std=cfg.initializer_range)
     model = model.to(DTYPES[dtype_name]).eval()
     labels = torch.randint(0, cfg.num_classes, (args.batch_size,), device=device)
-    kw = dict(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, compile=args.compile)
+    graphs = args.cuda_graphs if args.cuda_graphs is not None else args.compile and device.type == "cuda"
+    kw = dict(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, compile=args.compile,
+              cuda_graphs=graphs, seed=args.seed)
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    if args.warmup > 0:
-        generate(model, labels, min(args.warmup, cfg.block_size), **kw)
-        sync()
+    t0 = time.perf_counter()
+    if graphs:  # graphs are captured per shape: warm up with the timed one
+        generate(model, labels, args.num_positions, **kw)
+    elif args.warmup > 0:
+        generate(model, labels, min(max(args.warmup, 2), cfg.block_size), **kw)  # >= 2: compiles the step
+    sync()
+    setup_s = time.perf_counter() - t0
     best = float("inf")
     for _ in range(max(1, args.repeats)):
         t0 = time.perf_counter()
@@ -80,6 +91,7 @@ def main(argv=None) -> dict:
 
     tokens_per_s = args.num_positions * args.batch_size / best
     result = {
+        "benchmark": "generate",
         "tokens_per_s": round(tokens_per_s, 3),
         "images_per_s": round(tokens_per_s / cfg.block_size, 5),
         "images_per_s_extrapolated": args.num_positions < cfg.block_size,
@@ -95,6 +107,8 @@ def main(argv=None) -> dict:
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "dtype": dtype_name,
         "compile": args.compile,
+        "cuda_graphs": graphs,
+        "setup_s": round(setup_s, 2),
         "threads": torch.get_num_threads(),
         "warmup_positions": args.warmup,
         "repeats": args.repeats,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from autoregressive.data.code_store import CodeDataset
+from autoregressive.sample.sample_c2i import main as sample_main
 from demo.photos import build_photo_folder
 from test_reconstruction_eval import torchrun
 from utils.checkpoint import load_file
@@ -51,17 +52,28 @@ def test_train_resume_and_sample(setup):
     for a, b in zip(full[2:], resumed):  # dropout and label dropout included: RNG state restored per rank
         assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"]
 
-    r = torchrun("autoregressive/sample/sample_c2i_ddp_dual_code.py", "--vq-ckpt", root / "dual.pt",
-                 "--gpt-ckpt", exp / "checkpoints" / "0000004.pt", "--gpt-model", "FAR-T", "--image-size", 32,
-                 "--image-size-eval", 32, "--downsample-size", 4, "--num-classes", 3, "--cfg-scale", 2.0,
-                 "--num-fid-samples", 7, "--per-proc-batch-size", 2, "--class-balanced", "--top-k", 16,
-                 "--sample-dir", root / "samples", cwd=root)
+    sample_args = ["--vq-ckpt", root / "dual.pt", "--gpt-ckpt", exp / "checkpoints" / "0000004.pt",
+                   "--gpt-model", "FAR-T", "--image-size", 32, "--image-size-eval", 32, "--downsample-size", 4,
+                   "--num-classes", 3, "--cfg-scale", 2.0, "--num-fid-samples", 7, "--class-balanced",
+                   "--top-k", 16, "--sample-dir", root / "samples"]
+    r = torchrun("autoregressive/sample/sample_c2i_ddp_dual_code.py", *sample_args, "--per-proc-batch-size", 2,
+                 cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]
     name = "FAR-T-0000004-size-32-size-32-VQ-4-topk-16-topp-1.0-temperature-1.0-cfg-2.0-seed-0"
     out = np.load(root / "samples" / f"{name}.npz")
     assert out["arr_0"].shape == (7, 32, 32, 3) and out["arr_0"].dtype == np.uint8
     assert sorted(out["arr_1"].tolist()) == [0, 0, 0, 1, 1, 2, 2]
     assert (root / "samples" / f"{name}.png").is_file()
+    # one process with another batch size writes the same images: image i samples from stream (seed, i)
+    # (single-threaded like the torchrun workers: the thread count changes float rounding on a CPU)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = sample_main([*map(str, sample_args), "--per-proc-batch-size", "3", "--name", "one-process"], 2)
+    finally:
+        torch.set_num_threads(threads)
+    single = np.load(one)
+    assert np.array_equal(single["arr_1"], out["arr_1"]) and np.array_equal(single["arr_0"], out["arr_0"])
 
 
 def test_fsdp_matches_ddp_at_the_first_step(setup):

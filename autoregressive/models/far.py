@@ -210,10 +210,12 @@ class Attention(nn.Module):
         self.kv_cache: Optional[KVCache] = None
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                mask: Optional[torch.Tensor] = None, kv_len: Optional[int] = None) -> torch.Tensor:
         """Without ``input_pos``: causal attention over x alone (training, teacher forcing). With it: x holds
-        the sequence positions ``input_pos``; their keys/values go into the cache and ``mask`` (len(input_pos),
-        n) says which of the first n cache entries each query sees (n < cache length skips the unfilled tail)."""
+        the sequence positions ``input_pos``; their keys/values go into the cache, and the queries attend to
+        the first ``kv_len`` cache entries (default: all), restricted by ``mask`` (len(input_pos), kv_len)
+        when given. A single query at the last filled entry needs no mask, which keeps SDPA on its fastest
+        kernels (flash attention on a GPU)."""
         B, T, _ = x.shape
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
@@ -222,7 +224,9 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
-            k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
+            if kv_len is None:
+                kv_len = k.shape[2] if mask is None else mask.shape[-1]
+            k, v = k[:, :, :kv_len], v[:, :, :kv_len]
         if self.n_kv_head != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
@@ -248,9 +252,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.drop_path_p = drop_path_p
 
-    def forward(self, x, rope, input_pos=None, mask=None):
-        x = x + drop_path(self.attention(self.attention_norm(x), rope, input_pos, mask), self.drop_path_p,
-                          self.training)
+    def forward(self, x, rope, input_pos=None, mask=None, kv_len=None):
+        h = self.attention(self.attention_norm(x), rope, input_pos, mask, kv_len)
+        x = x + drop_path(h, self.drop_path_p, self.training)
         return x + drop_path(self.feed_forward(self.ffn_norm(x)), self.drop_path_p, self.training)
 
 
@@ -433,22 +437,29 @@ class FAR(nn.Module):
     def trunk_step(self, x: torch.Tensor, input_pos: torch.Tensor, kv_len: Optional[int] = None) -> torch.Tensor:
         """Run the trunk on x (B, S, D) at sequence positions input_pos (S,) with the cache; (B, S, D) out.
         Sequence position 0 is the class token, position p >= 1 holds the codes of grid position p - 1.
-        ``kv_len`` (> max(input_pos)) limits attention to the filled part of the cache, which saves time in
-        eager mode; None attends over the whole (masked) cache: static shapes for torch.compile / CUDA graphs."""
-        length = kv_len or self.layers[0].attention.kv_cache.k.shape[2]
-        mask = torch.arange(length, device=x.device)[None, :] <= input_pos[:, None]
+
+        ``kv_len`` is the number of cache entries the queries attend to; decoding passes max(input_pos) + 1,
+        so attention costs what the filled part of the cache costs. A single query (S == 1) then sees every
+        entry it attends to and needs no mask (for S == 1, kv_len must be input_pos + 1). Under torch.compile
+        ``kv_len`` may be a symbolic size (one graph for every length). None attends over the whole cache with
+        a causal mask (static shapes; the slow reference)."""
+        S = x.shape[1]
+        mask = None
+        if kv_len is None or S > 1:
+            length = kv_len or self.layers[0].attention.kv_cache.k.shape[2]
+            mask = torch.arange(length, device=x.device)[None, :] <= input_pos[:, None]
         rope = self.rope[input_pos]
         for layer in self.layers:
-            x = layer(x, rope, input_pos, mask)
+            x = layer(x, rope, input_pos, mask, kv_len)
         return x
 
     def head_step(self, x: torch.Tensor, step: int) -> torch.Tensor:
         """Factor-head step ``step`` on x (B, 1, D): the trunk output for step 0, else the embedding of factor
-        ``step - 1``'s code (see ``tok_embedding``). Returns the float32 logits (B, vocab) of factor ``step``."""
-        Fn = self.config.num_factors
+        ``step - 1``'s code (see ``tok_embedding``). Returns the float32 logits (B, vocab) of factor ``step``.
+        The step writes cache slot ``step`` and reads slots 0..step, all written at this position, so the
+        cache never needs clearing between positions."""
         pos = torch.arange(step, step + 1, device=x.device)
-        mask = torch.arange(Fn, device=x.device)[None, :] <= step
         rope = self.rope[step:step + 1]
         for layer in self.ar_head:
-            x = layer(x, rope, pos, mask)
+            x = layer(x, rope, pos, None, step + 1)
         return self.output(step)(self.norm(x[:, -1])).float()

@@ -1,24 +1,44 @@
-"""Sampling images' codes from FAR with static KV caches and classifier-free guidance.
+"""Sampling images' codes from FAR with static KV caches, classifier-free guidance and compiled position steps.
 
 One image position costs one trunk step plus F factor-head steps:
 
-    prefill: class token -> trunk -> h
+    prefill: class token -> trunk -> h                               (first_position)
     for every position t:
         x = h
         for factor j in 0..F-1:  logits = head_step(x, j); guide; sample code j; x = embedding_j(code j)
-        h = trunk_step(aggregate(codes of t))
+        h = trunk_step(aggregate(codes of t))                         (next_position: trunk, then the heads)
 
 Guidance batches the conditional and the unconditional (null class) rows together, so each step is ONE
 forward pass over 2B rows: logits = uncond + scale * (cond - uncond), with a scale per factor. Both caches are
-allocated once per generation (and kept for the next one if the shape matches); the factor head's cache holds
-just F steps and is simply overwritten at every position, because step j writes slot j before any query can
-read it. Decode steps have static shapes, so ``compile=True`` (torch.compile; CUDA graphs on a GPU) applies.
+allocated once (and kept for the next generation if the shape matches); the factor head's cache holds just F
+steps and is overwritten at every position, because step j writes slot j before any query reads it.
+
+Attention at position t reads exactly the C + t filled cache entries, without a mask: its cost follows the
+filled part of the cache, and SDPA can use its fastest kernels (flash attention on a GPU).
+
+Random numbers are counter-based: the uniform of (image row, position, factor, vocabulary entry) is a hash of
+those integers and the seed, computed with integer tensor ops (``uniform_noise``). So sampling has no
+generator state to carry, runs inside compiled graphs and CUDA graphs without a host sync, draws the same
+numbers eagerly and compiled, and an image's codes depend only on (seed, its row id, its label), not on the
+batch it was generated in or on the number of processes.
+
+``compile=True`` compiles ``next_position`` (trunk step + every factor-head step + guidance + sampling) into ONE
+graph with torch.compile (``fullgraph=True``: a graph break is an error). Its only varying shape is the
+number of visible cache entries, marked dynamic, so one compilation serves every position. On CUDA each
+position is then captured as a CUDA graph (``CudaGraphGeneration``); the rules CUDA graphs impose are kept
+there, explicitly: static buffers for everything that crosses a replay, nothing kept from the graph pool.
 """
 from __future__ import annotations
 
+import dataclasses
+import gc
+import weakref
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
+import torch._dynamo
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .far import FAR
 
@@ -35,10 +55,45 @@ def per_factor(value: PerFactor, num_factors: int, name: str, kind=float) -> tup
     return values
 
 
+# ------------------------------------------------------------------------------------------------------------
+# Counter-based random numbers
+# ------------------------------------------------------------------------------------------------------------
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply; the published constants of Wellons' hash-prospector) on
+    int64 tensors holding values in [0, 2^32). Both multipliers are below 2^31, so every product stays below
+    2^63: no overflow, hence identical integers in eager PyTorch, C++ and Triton kernels."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _M32
+    return x ^ (x >> 15)
+
+
+def row_keys(seed: Union[int, torch.Tensor], row_ids: torch.Tensor) -> torch.Tensor:
+    """(B,) int64 keys of the random streams of rows ``row_ids`` (non-negative int64) under ``seed``."""
+    seed = torch.as_tensor(seed, dtype=torch.int64, device=row_ids.device)
+    s = _mix32(_mix32(seed & _M32) ^ ((seed >> 32) & _M32))
+    return _mix32(_mix32(s ^ (row_ids & _M32)) ^ ((row_ids >> 32) & _M32))
+
+
+def uniform_noise(keys: torch.Tensor, draw: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(B, vocab_size) float32 uniforms in (0, 1) for draw number ``draw`` (an int64 tensor of one element:
+    position * F + factor) of the streams ``keys`` (B,). Each value is a pure function of (key, draw, vocab
+    index): no state, no host sync, the same bits eagerly and compiled (24-bit integers, exact in float32)."""
+    k = _mix32(keys ^ _mix32(draw.reshape(()) & _M32))                                      # (B,)
+    v = _mix32(torch.arange(vocab_size, device=keys.device, dtype=torch.int64) * 2 + 1)  # (V,)
+    x = _mix32(v[None, :] ^ k[:, None])
+    return ((x >> 8).float() + 0.5) * 2.0 ** -24  # 24 random bits, centred: never 0 or 1
+
+
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+           generator: Optional[torch.Generator] = None, uniform: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One code per row of logits (B, V): temperature, then top-k, then nucleus (top-p) filtering.
-    ``temperature == 0`` or ``top_k == 1`` is greedy (argmax)."""
+    ``temperature == 0`` or ``top_k == 1`` is greedy (argmax). Randomness comes from ``uniform`` (B, V) in
+    (0, 1) when given (``uniform_noise``), else from ``generator``."""
     if temperature == 0 or top_k == 1:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -53,49 +108,210 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p
     probs = logits.softmax(-1)
     # Exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) picks i with probability p_i, like
     # torch.multinomial, but without a host sync (it stays inside a CUDA graph).
-    race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
+    if uniform is not None:
+        race = -torch.log(uniform)  # uniform is never 0 or 1, so race is finite and > 0
+    else:
+        race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
     return (probs / race).argmax(-1)
 
 
-def decode_position(model: FAR, h: torch.Tensor, scales: tuple, doubled: bool, temperature: tuple,
-                    top_k: tuple, top_p: tuple, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Sample the F codes of one position from the trunk output h (rows, 1, D); returns (B, F).
-    With ``doubled`` the rows are [conditional; unconditional] and both get the sampled codes."""
+# ------------------------------------------------------------------------------------------------------------
+# One position
+# ------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SamplingPlan:
+    """The per-factor sampling constants of one generation. They are Python constants in compiled graphs
+    (a different plan compiles once more), so hashable and frozen."""
+    scales: tuple[float, ...]       # guidance scale per factor (1.0: that factor's conditional logits)
+    temperature: tuple[float, ...]
+    top_k: tuple[int, ...]
+    top_p: tuple[float, ...]
+    doubled: bool                   # rows are [conditional; unconditional]
+
+    def unguided(self) -> "SamplingPlan":
+        return dataclasses.replace(self, scales=(1.0,) * len(self.scales))
+
+
+def decode_position(model: FAR, h: torch.Tensor, plan: SamplingPlan, keys: torch.Tensor,
+                    t: torch.Tensor) -> torch.Tensor:
+    """Sample the F codes of grid position ``t`` (an int64 tensor of one element) from the trunk output h
+    (rows, 1, D); returns (B, F). With ``plan.doubled`` the rows are [conditional; unconditional] and both
+    continue with the sampled codes. ``keys``: the (B,) random-stream keys (``row_keys``)."""
+    Fn, V = model.config.num_factors, model.config.vocab_size
     codes = []
     x = h
-    for j in range(model.config.num_factors):
+    for j in range(Fn):
         logits = model.head_step(x, j)
-        if doubled:
+        if plan.doubled:
             cond, uncond = logits.chunk(2)
-            logits = cond if scales[j] == 1.0 else uncond + (cond - uncond) * scales[j]
-        code = sample(logits, temperature[j], top_k[j], top_p[j], generator)
+            s = plan.scales[j]
+            logits = cond if s == 1.0 else uncond + (cond - uncond) * s
+        greedy = plan.temperature[j] == 0 or plan.top_k[j] == 1
+        noise = None if greedy else uniform_noise(keys, t * Fn + j, V)
+        code = sample(logits, plan.temperature[j], plan.top_k[j], plan.top_p[j], uniform=noise)
         codes.append(code)
-        if j + 1 < model.config.num_factors:
-            x = model.tok_embedding(j)((code.repeat(2) if doubled else code)[:, None])
+        if j + 1 < Fn:
+            x = model.tok_embedding(j)((code.repeat(2) if plan.doubled else code)[:, None])
     return torch.stack(codes, dim=1)
 
 
-def next_hidden(model: FAR, codes: torch.Tensor, input_pos: torch.Tensor, kv_len: Optional[int] = None):
-    """Feed the codes (rows, F) of one position to the trunk; its output predicts the next position."""
-    return model.trunk_step(model.embed_position(codes), input_pos, kv_len)
+def first_position(model: FAR, cond: torch.Tensor, keys: torch.Tensor, plan: SamplingPlan) -> torch.Tensor:
+    """Prefill the class token(s) (attending to themselves only) and sample grid position 0; (B, F)."""
+    C = model.config.cls_token_num
+    pos = torch.arange(C, device=cond.device)
+    h = model.trunk_step(model.cls_embedding(cond)[:, None], pos, C)[:, -1:]
+    return decode_position(model, h, plan, keys, pos[:1] * 0)
+
+
+def next_position(model: FAR, prev: torch.Tensor, visible: torch.Tensor, keys: torch.Tensor,
+                  plan: SamplingPlan) -> torch.Tensor:
+    """Feed the codes ``prev`` (rows, F) of grid position t - 1 to the trunk, then sample position t; (B, F).
+
+    ``visible`` = arange(C + t): the sequence positions the new query sees (class token(s), then positions
+    0..t-1). Its length is the attention length; under torch.compile that length is a symbolic size, so one
+    graph serves every position, and ``visible[-1:]`` is the position as data (no recompilation)."""
+    C = model.config.cls_token_num
+    input_pos = visible[-1:]
+    h = model.trunk_step(model.embed_position(prev), input_pos, visible.shape[0])
+    return decode_position(model, h, plan, keys, input_pos - (C - 1))
 
 
 _compiled: dict = {}
 
 
-def _maybe_compile(fn, device: torch.device):
-    mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs where they pay
-    key = (fn, mode)
-    if key not in _compiled:
-        _compiled[key] = torch.compile(fn, mode=mode, dynamic=False)
-    return _compiled[key]
+def compiled_next_position():
+    """``next_position`` compiled by inductor without CUDA graphs (we capture those ourselves, one per
+    position, which keeps their static buffers under our control). ``dynamic=False``: the only dynamic size
+    is the one ``_visible`` marks; a new batch or model compiles a new static graph rather than turning
+    other sizes symbolic."""
+    if "next" not in _compiled:
+        _compiled["next"] = torch.compile(next_position, fullgraph=True, dynamic=False)
+    return _compiled["next"]
 
 
+def _recompile_limit(n: int):
+    """Each model config, batch and plan compiles ``next_position`` once; tests and benchmarks that build
+    several models in one process would exhaust dynamo's default budget (8) and fall back to eager silently."""
+    name = next(k for k in ("recompile_limit", "cache_size_limit") if hasattr(torch._dynamo.config, k))
+    return torch._dynamo.config.patch(**{name: max(n, getattr(torch._dynamo.config, name))})
+
+
+def _decode_attention():
+    """SDPA backends for decoding: flash (bf16/fp16), memory-efficient (float32) or math; not cuDNN, which
+    recent PyTorch prefers on H100/H200. cuDNN builds an execution plan per key length, i.e. per position,
+    and building one inside a CUDA-graph capture is not something to rely on; flash attention takes any
+    length and needs no mask here."""
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def _visible(model: FAR, positions: torch.Tensor, t: int, compile: bool) -> torch.Tensor:
+    """arange(C + t) (a view of ``positions``, so a static address), its length marked dynamic under compile:
+    one graph for every position. The range is the same for every call, so later calls never fail the guard:
+    from 2 (sizes 0 and 1 would be specialised) to the last position's C + block_size - 1 (one less than the
+    cache length, which would be specialised too: slicing the whole cache is a different view)."""
+    cfg = model.config
+    v = positions[:cfg.cls_token_num + t]
+    if compile:
+        torch._dynamo.mark_dynamic(v, 0, min=2, max=cfg.cls_token_num + cfg.block_size - 1)
+    return v
+
+
+# ------------------------------------------------------------------------------------------------------------
+# CUDA graphs: one per position
+# ------------------------------------------------------------------------------------------------------------
+class CudaGraphGeneration:
+    """Every position of one generation shape (model, rows, positions, plans) captured as a CUDA graph.
+
+    The CUDA-graph rules, kept explicitly:
+    * every tensor that crosses a replay has a static address and is allocated before capture, outside the
+      graphs' memory pool: the KV caches, ``cond`` and ``keys`` (inputs, copied in before the replays),
+      ``prev`` (the codes each graph leaves for the next) and ``out`` (the result, cloned before returning);
+    * a graph writes its results into those buffers with ``copy_`` inside the graph; no tensor allocated during
+      capture is kept, so the graphs can share one pool (they replay one after the other on one stream);
+    * the position is baked into each graph (its ``visible`` view), the random streams come from ``keys``:
+      no host sync and no generator state inside;
+    * every position runs once before any capture (one extra generation): compilation, autotuning and
+      library initialisation (cuBLAS workspaces, kernels for each attention length) never happen inside a
+      capture, whatever a PyTorch version decides to specialise.
+    """
+
+    @torch.no_grad()
+    def __init__(self, model: FAR, batch: int, plans: Sequence[SamplingPlan], compile: bool):
+        cfg = model.config
+        dev = model.aggregation_layer.weight.device
+        self.batch, self.plans, self.compile = batch, tuple(plans), compile
+        self.doubled = plans[0].doubled
+        rows = 2 * batch if self.doubled else batch
+        T, C = len(plans), cfg.cls_token_num
+        self.step = compiled_next_position() if compile else next_position
+        self.cond = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.keys = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.prev = torch.zeros(rows, cfg.num_factors, dtype=torch.long, device=dev)
+        self.out = torch.zeros(batch, T, cfg.num_factors, dtype=torch.long, device=dev)
+        self.positions = torch.arange(C + T, device=dev)
+        stream = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream), _recompile_limit(64), _decode_attention():
+            for t in range(T):  # warm-up
+                self._position(model, t)
+            torch.cuda.synchronize(dev)
+            gc.collect()  # nothing collected mid-capture (torch.cuda.graph does the same, once per graph)
+            self.graphs, pool = [], torch.cuda.graph_pool_handle()
+            for t in range(T):
+                g = torch.cuda.CUDAGraph()
+                # thread_local: another thread (the sampler's writer) may call CUDA APIs meanwhile
+                g.capture_begin(pool=pool, capture_error_mode="thread_local")
+                try:
+                    self._position(model, t)
+                finally:
+                    g.capture_end()
+                self.graphs.append(g)
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        torch.cuda.empty_cache()  # the warm-up's blocks sit cached for the side stream, unusable by the main one
+
+    def _position(self, m: FAR, t: int) -> None:
+        if t == 0:
+            new = first_position(m, self.cond, self.keys, self.plans[0])
+        else:
+            visible = _visible(m, self.positions, t, self.compile)
+            new = self.step(m, self.prev, visible, self.keys, self.plans[t])
+        self.out[:, t].copy_(new)
+        self.prev.copy_(new.repeat(2, 1) if self.doubled else new)
+
+    @torch.no_grad()
+    def __call__(self, cond: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        self.cond.copy_(cond)
+        self.keys.copy_(keys)
+        for g in self.graphs:
+            g.replay()
+        return self.out.clone()  # the next generation overwrites self.out
+
+
+_runners: "weakref.WeakKeyDictionary[FAR, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _cuda_graph_runner(model: FAR, batch: int, plans: tuple, compile: bool) -> CudaGraphGeneration:
+    """The runner of this shape, one per model (kept outside the module, so copies and state dicts never see
+    it). Graphs hold raw addresses: the key holds every parameter, buffer and cache address, so moving or
+    re-casting the model, or new caches, capture new graphs instead of replaying stale ones."""
+    tensors = [*model.parameters(), *model.buffers()]
+    key = (batch, plans, compile, tuple((t.data_ptr(), t.dtype, t.shape) for t in tensors))
+    held = _runners.get(model)
+    if held is None or held[0] != key:
+        _runners.pop(model, None)  # free the old graphs (and their pool) before capturing new ones
+        _runners[model] = (key, CudaGraphGeneration(model, batch, plans, compile))
+    return _runners[model][1]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# generate
+# ------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def generate(model: FAR, labels: Union[torch.Tensor, Sequence[int]], num_positions: Optional[int] = None, *,
              cfg_scale: PerFactor = 1.0, cfg_interval: float = -1, temperature: PerFactor = 1.0,
              top_k: PerFactor = 0, top_p: PerFactor = 1.0, generator: Optional[torch.Generator] = None,
-             compile: bool = False) -> torch.Tensor:
+             seed: Union[int, torch.Tensor, None] = None, row_ids: Union[torch.Tensor, Sequence[int], None] = None,
+             compile: bool = False, cuda_graphs: Optional[bool] = None) -> torch.Tensor:
     """Sample codes for class ``labels`` (B,); returns (B, num_positions, F) int64, factor order as in training.
 
     cfg_scale, temperature, top_k, top_p: one value for all factors or a sequence of F values.
@@ -103,6 +319,12 @@ def generate(model: FAR, labels: Union[torch.Tensor, Sequence[int]], num_positio
     cfg_interval: as in LlamaGen, -1 guides every position; otherwise positions t > cfg_interval + 1 use the
     conditional logits only (the unconditional rows are still computed, keeping shapes static).
     num_positions: defaults to the full image (block_size); fewer gives a prefix (benchmarks, tests).
+    seed, row_ids: row i samples from the random stream (seed, row_ids[i]) (default row ids 0..B-1), so its
+    codes do not depend on the other rows. Without ``seed``, one is drawn from ``generator`` (or torch's
+    global generator).
+    compile: torch.compile the position step (inductor; one compilation for all positions).
+    cuda_graphs: capture every position as a CUDA graph (default: on with ``compile`` on a CUDA device; also
+    usable without ``compile``). Graphs are captured on the first call for a shape and reused afterwards.
     The model runs in eval mode; its previous mode is restored afterwards.
     """
     cfg = model.config
@@ -123,28 +345,41 @@ def generate(model: FAR, labels: Union[torch.Tensor, Sequence[int]], num_positio
     T = cfg.block_size if num_positions is None else int(num_positions)
     if not 1 <= T <= cfg.block_size:
         raise ValueError(f"num_positions must be in [1, {cfg.block_size}], got {T}")
+    if cuda_graphs is None:
+        cuda_graphs = compile and device.type == "cuda"
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError(f"cuda_graphs needs the model on a CUDA device, not {device}")
 
     B = labels.shape[0]
+    if seed is None:
+        gen_device = generator.device if generator is not None else "cpu"
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=gen_device).item())
+    if isinstance(seed, int) and not 0 <= seed < 2 ** 63:
+        raise ValueError(f"seed must be in [0, 2^63), got {seed}")
+    rows = torch.arange(B, device=device) if row_ids is None else torch.as_tensor(row_ids, device=device)
+    if rows.shape != (B,) or rows.dtype.is_floating_point:
+        raise ValueError(f"row_ids must be {B} integers (one per label), got {rows.dtype} {tuple(rows.shape)}")
+    keys = row_keys(seed, rows.long())
+    plan = SamplingPlan(scales, temps, ks, ps, doubled)
+    plans = tuple(plan if cfg_interval < 0 or t <= cfg_interval + 1 else plan.unguided() for t in range(T))
     cond = torch.cat([labels, torch.full_like(labels, cfg.num_classes)]) if doubled else labels
     was_training = model.training
     model.eval()
     model.setup_caches(cond.shape[0])
-    step, trunk = decode_position, next_hidden
-    if compile:
-        step, trunk = _maybe_compile(decode_position, device), _maybe_compile(next_hidden, device)
-    unguided = (1.0,) * Fn
-    C = cfg.cls_token_num
-    positions = torch.arange(C, C + T, device=device)  # sequence position of each grid position's codes
-    out = torch.empty(B, T, Fn, dtype=torch.long, device=device)
     try:
-        h = model.trunk_step(model.cls_embedding(cond)[:, None], torch.arange(C, device=device))[:, -1:]
-        for t in range(T):
-            if t > 0:
-                h = trunk(model, codes, positions[t - 1:t], None if compile else C + t)
-            guided = cfg_interval < 0 or t <= cfg_interval + 1
-            new = step(model, h, scales if guided else unguided, doubled, temps, ks, ps, generator)
-            out[:, t] = new
-            codes = new.repeat(2, 1) if doubled else new.clone()  # a CUDA-graph output is overwritten on replay
+        if cuda_graphs:
+            return _cuda_graph_runner(model, B, plans, compile)(cond, keys)
+        step = compiled_next_position() if compile else next_position
+        C = cfg.cls_token_num
+        positions = torch.arange(C + T, device=device)
+        out = torch.empty(B, T, Fn, dtype=torch.long, device=device)
+        with _recompile_limit(64), _decode_attention():
+            codes = first_position(model, cond, keys, plans[0])
+            out[:, 0] = codes
+            for t in range(1, T):
+                prev = codes.repeat(2, 1) if doubled else codes
+                codes = step(model, prev, _visible(model, positions, t, compile), keys, plans[t])
+                out[:, t] = codes
+        return out
     finally:
         model.train(was_training)
-    return out

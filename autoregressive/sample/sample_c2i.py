@@ -7,24 +7,31 @@ the first samples. ``<name>`` follows the original sampler's naming
 (``FAR-B-<ckpt>-size-256-size-256-VQ-16-topk-0-topp-1.0-temperature-1.0-cfg-2.0-seed-0``).
 Labels are uniform random draws, like the original, or exactly balanced with ``--class-balanced``
 (50 per class for 50,000 samples of 1000 classes).
+
+Image i is sampled from the random stream (``--global-seed``, i) whatever the batch it falls in, so the
+samples do not depend on the number of processes or the batch size. On a GPU, generation is compiled with
+CUDA graphs by default (``--no-compile`` to opt out), the batch size follows the free memory unless given,
+decoding runs at its own batch in bf16, and a writer thread stores finished batches while the GPU goes on
+(see ``pipeline.py``).
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from autoregressive.models import FAR_models, describe_far, generate, load_far
+from autoregressive.models import FAR_models, describe_far, load_far
+from autoregressive.sample.pipeline import ImageDecoder, auto_batch_size, sample_images
 from tokenizer.models import check_tokenizer_flags, describe_tokenizer, load_tokenizer
 from utils.checkpoint import CheckpointError, add_unsafe_load_argument, weight_preference
 from utils.data import rank_shard
 from utils.distributed import cleanup, init_distributed
-from utils.images import save_grid, to_uint8
+from utils.images import save_grid
 from utils.npz import ShardedNpzWriter
 
 
@@ -40,7 +47,8 @@ def get_parser(num_factors: int) -> argparse.ArgumentParser:
     p.add_argument("--cls-token-num", type=int, default=1)
     p.add_argument("--precision", type=str, default="bf16", choices=["none", "fp16", "bf16"],
                    help="generator dtype on GPU (CPU runs fp32)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the position step and capture CUDA graphs (default: on with a GPU)")
     p.add_argument("--vq-model", type=str, choices=["VQ-16", "VQ-8"], default=None, help="checked against the ckpt")
     p.add_argument("--vq-ckpt", type=str, required=True)
     p.add_argument("--vq-ema", action="store_true", help="decode with the tokenizer's EMA weights (default: 'model', "
@@ -55,7 +63,18 @@ def get_parser(num_factors: int) -> argparse.ArgumentParser:
                    help="guidance scale: one value, or one per factor (visual first)")
     p.add_argument("--cfg-interval", type=float, default=-1)
     p.add_argument("--sample-dir", type=str, default="samples")
-    p.add_argument("--per-proc-batch-size", type=int, default=32)
+    p.add_argument("--per-proc-batch-size", type=int, default=None,
+                   help="images generated at once per process (default: from free GPU memory; 32 on CPU)")
+    p.add_argument("--decode-batch-size", type=int, default=None,
+                   help="images decoded at once (default: 128 on GPU, 8 on CPU)")
+    p.add_argument("--decode-precision", type=str, default="bf16", choices=["none", "fp16", "bf16"],
+                   help="tokenizer decoder autocast dtype on GPU (CPU decodes in fp32)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode in NHWC memory layout (default: on with a GPU)")
+    p.add_argument("--compile-decoder", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decoder (default: as --compile)")
+    p.add_argument("--decode-stream", action=argparse.BooleanOptionalAction, default=False,
+                   help="decode on a second CUDA stream, overlapping the next batch's generation")
     p.add_argument("--num-fid-samples", type=int, default=50000)
     p.add_argument("--global-seed", type=int, default=0)
     p.add_argument("--top-k", type=int, nargs="+", default=[0], help="one value or one per factor (0: off)")
@@ -130,31 +149,48 @@ def main(argv=None, num_factors: int = 2) -> Path:
     name = args.name or output_name(args, args.vq_model or f"VQ-{tokenizer.config.downsample}")
     out = Path(args.sample_dir) / f"{name}.npz"
     size = args.image_size_eval
-    writer = ShardedNpzWriter(out, {"arr_0": ((n, size, size, 3), np.uint8), "arr_1": ((n,), np.int64)})
+    cuda = device.type == "cuda"
+    compile = cuda if args.compile is None else args.compile
+    decode_dtype = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.decode_precision]
+    decode_dtype = decode_dtype if cuda else torch.float32
+    decode_batch = args.decode_batch_size or (128 if cuda else 8)
     mine = rank_shard(n, info.rank, info.world_size)
-    batches = [mine[i:i + args.per_proc_batch_size] for i in range(0, len(mine), args.per_proc_batch_size)]
+    batch = args.per_proc_batch_size
+    if batch is None:
+        choice = auto_batch_size(far.config, any(s != 1.0 for s in args.cfg_scale), dtype, device,
+                                 -(-n // info.world_size), decode_batch, args.image_size)
+        batch = choice.batch
+        log(f"--per-proc-batch-size {batch} ({choice.reason})")
+    if batch < 1 or decode_batch < 1:
+        sys.exit("error: --per-proc-batch-size and --decode-batch-size must be >= 1")
+    decode_batch = min(decode_batch, batch)  # a batch never needs more
+    decoder = ImageDecoder(tokenizer, grid, size, decode_batch, decode_dtype,
+                           channels_last=cuda if args.channels_last is None else args.channels_last,
+                           compile=compile if args.compile_decoder is None else args.compile_decoder,
+                           stream=torch.cuda.Stream(device) if cuda and args.decode_stream else None)
+    writer = ShardedNpzWriter(out, {"arr_0": ((n, size, size, 3), np.uint8), "arr_1": ((n,), np.int64)})
     kw = dict(cfg_scale=_one_or_list(args.cfg_scale), cfg_interval=args.cfg_interval,
               temperature=_one_or_list(args.temperature), top_k=_one_or_list(args.top_k),
-              top_p=_one_or_list(args.top_p), compile=args.compile)
+              top_p=_one_or_list(args.top_p), compile=compile)
     grid_images = []
-    for rows in tqdm(batches, disable=not info.is_main, desc=name[:40]):
-        # A generator per batch, seeded by its first row: samples do not depend on what other ranks do.
-        gen = torch.Generator(device).manual_seed(args.global_seed * 1_000_003 + int(rows[0]))
-        y = torch.from_numpy(labels[rows]).to(device)
-        codes = generate(far, y, grid * grid, generator=gen, **kw)  # (B, T, F)
-        indices = codes.permute(0, 2, 1).reshape(len(rows), num_factors, grid, grid)
-        images = tokenizer.decode_indices(indices, batch_size=len(rows))
-        if size != args.image_size:
-            images = F.interpolate(images, size=(size, size), mode="bicubic")
-        writer.write("arr_0", rows, to_uint8(images).cpu().numpy())
-        writer.write("arr_1", rows, labels[rows])
+
+    def write(rows, images, batch_labels):  # runs in the writer thread
+        writer.write("arr_0", rows, images)
+        writer.write("arr_1", rows, batch_labels)
         if info.is_main and sum(len(g) for g in grid_images) < args.grid_samples:
-            grid_images.append(images.cpu())
+            grid_images.append(torch.from_numpy(images.copy()))
+
+    start = time.perf_counter()
+    progress = lambda it: tqdm(it, disable=not info.is_main, desc=name[:40])  # noqa: E731
+    sample_images(far, decoder, labels, mine, batch, args.global_seed, write, progress, **kw)
+    seconds = time.perf_counter() - start
+    log(f"Rank 0 generated, decoded and wrote {len(mine)} images in {seconds:.1f} s "
+        f"({len(mine) / max(seconds, 1e-9):.1f} images/s, compile {'on' if compile else 'off'})")
     writer.close()
     if info.is_main:
         print(f"Saved {n} samples to {out} (arr_0 images, arr_1 labels)")
         if grid_images and args.grid_samples > 0:
-            shown = torch.cat(grid_images)[:args.grid_samples]
+            shown = torch.cat(grid_images)[:args.grid_samples].permute(0, 3, 1, 2).float() / 127.5 - 1
             save_grid(shown, out.with_suffix(".png"), nrow=int(np.ceil(np.sqrt(len(shown)))))
             print(f"Grid of the first {len(shown)} samples: {out.with_suffix('.png')}")
     cleanup()

@@ -1,0 +1,183 @@
+"""Generation at speed, on CPU: compiled (inductor) position steps equal eager ones, counter-based sampling is
+uniform, follows the model's distribution and does not depend on the batch, and the sampling pipeline's
+decoder and writer thread behave. The CUDA-graph paths are tested in test_generate_cuda.py."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from autoregressive.models import generate
+from autoregressive.models.generate import row_keys, sample, uniform_noise
+from autoregressive.sample.pipeline import AsyncWriter, ImageDecoder, auto_batch_size
+from test_far_model import tiny_model
+from tiny import tiny_tokenizer_config
+from tokenizer.models import FactorizedTokenizer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # decode-sized work; see test_far_model.one_thread
+    yield
+    torch.set_num_threads(before)
+
+
+def chi2_statistic(counts: np.ndarray, expected: np.ndarray) -> float:
+    keep = expected > 0
+    assert counts[~keep].sum() == 0, "samples where the distribution is zero"
+    return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+
+
+# chi-square critical values at p = 1e-4 (the tests are deterministic; this bounds how unlucky a seed may be)
+CHI2_1E4 = {9: 33.7, 19: 51.2, 39: 78.0}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# compiled == eager
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("factors,kw,sampling", [
+    # factor 1 greedy, factor 2 sampled with top-k and top-p: one compilation covers both paths
+    (2, {}, dict(cfg_scale=(1.5, 3.0), top_k=(1, 8), top_p=(1.0, 0.9), temperature=(1.0, 1.2))),
+    (3, dict(n_kv_head=2), dict(cfg_scale=(2.0, 1.0, 4.0), top_k=1)),
+])
+def test_compiled_generation_equals_eager(factors, kw, sampling):
+    """Greedy and sampled codes are identical (the random numbers are the same integers in both); the
+    position step compiles once, not once per position (the attention length is a dynamic size)."""
+    model = tiny_model(factors, **kw).float()
+    labels = [3, 7, 0]
+    eager = generate(model, labels, seed=11, **sampling)
+    before = counters["stats"]["unique_graphs"]
+    compiled = generate(model, labels, seed=11, compile=True, **sampling)
+    assert counters["stats"]["unique_graphs"] - before <= 1
+    assert compiled.shape == (3, model.config.block_size, factors)
+    assert torch.equal(compiled, eager)
+    again = generate(model, [1, 2, 3], seed=12, compile=True, **sampling)  # reuses the compiled step
+    assert counters["stats"]["unique_graphs"] - before <= 1
+    assert torch.equal(again, generate(model, [1, 2, 3], seed=12, **sampling))
+
+
+def test_prefix_attention_reads_only_the_filled_cache():
+    """Eager decoding slices the cache to the filled length: stale entries beyond it cannot leak in."""
+    model = tiny_model(2)
+    first = generate(model, [4, 5], cfg_scale=2.0, top_k=1, seed=0)
+    for layer in list(model.layers) + list(model.ar_head):  # garbage in every cache slot
+        layer.attention.kv_cache.k.normal_(0, 100.0)
+        layer.attention.kv_cache.v.normal_(0, 100.0)
+    assert torch.equal(generate(model, [4, 5], cfg_scale=2.0, top_k=1, seed=0), first)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# counter-based random numbers
+# ------------------------------------------------------------------------------------------------------------
+def test_uniform_noise_is_uniform_independent_and_reproducible():
+    keys = row_keys(7, torch.arange(4000))
+    u = uniform_noise(keys, torch.tensor([3]), 40)
+    assert u.dtype == torch.float32 and u.shape == (4000, 40) and 0 < u.min() and u.max() < 1
+    counts = np.histogram(u.numpy(), bins=20, range=(0, 1))[0]
+    assert chi2_statistic(counts, np.full(20, u.numel() / 20)) < CHI2_1E4[19]
+    v = uniform_noise(keys, torch.tensor([4]), 40)  # the next draw of the same rows
+    corr = lambda a, b: float(np.corrcoef(a.flatten().numpy(), b.flatten().numpy())[0, 1])  # noqa: E731
+    assert abs(corr(u, v)) < 0.01 and abs(corr(u[:-1], u[1:])) < 0.01 and abs(corr(u[:, :-1], u[:, 1:])) < 0.01
+    assert torch.equal(u, uniform_noise(row_keys(7, torch.arange(4000)), torch.tensor([3]), 40))
+    assert not torch.equal(u, uniform_noise(row_keys(8, torch.arange(4000)), torch.tensor([3]), 40))
+    big = row_keys(2 ** 62 + 5, torch.tensor([2 ** 40 + 1, 1]))  # both halves of seed and row id matter
+    assert len(set(big.tolist()) | set(row_keys(5, torch.tensor([2 ** 40 + 1, 1])).tolist())) == 4
+
+
+def test_sample_with_counter_noise_follows_the_probabilities():
+    logits = torch.randn(10, generator=torch.Generator().manual_seed(0)) * 1.5
+    probs = logits.softmax(-1).numpy()
+    rows = 20000
+    noise = uniform_noise(row_keys(3, torch.arange(rows)), torch.tensor([0]), 10)
+    draws = sample(logits.repeat(rows, 1), uniform=noise)
+    counts = np.bincount(draws.numpy(), minlength=10)
+    assert chi2_statistic(counts, probs * rows) < CHI2_1E4[9]
+    # top-k keeps the k best, renormalised
+    draws = sample(logits.repeat(rows, 1), top_k=3,
+                   uniform=uniform_noise(row_keys(4, torch.arange(rows)), torch.tensor([0]), 10))
+    best = np.argsort(-probs)[:3]
+    assert set(draws.unique().tolist()) == set(best.tolist())
+
+
+def test_generation_samples_the_guided_model_distribution():
+    """Position 0 of many rows of one class against the model's exact guided distribution."""
+    model = tiny_model(2)
+    rows, scale = 6000, 1.5
+    codes = generate(model, [2] * rows, 1, cfg_scale=scale, seed=5)
+    with torch.no_grad():
+        dummy = torch.zeros(2, 1, 2, dtype=torch.long)
+        logits = model(dummy, torch.tensor([2, model.config.num_classes])).logits[0][:, 0]
+    guided = logits[1] + (logits[0] - logits[1]) * scale
+    expected = guided.softmax(-1).numpy() * rows
+    counts = np.bincount(codes[:, 0, 0].numpy(), minlength=40)
+    assert chi2_statistic(counts, expected) < CHI2_1E4[39]
+
+
+def test_rows_do_not_depend_on_their_batch():
+    """Row i draws from the stream (seed, row id): one batch of six equals two batches of three, and the
+    sample script's per-image results do not depend on the batch size or the number of processes."""
+    model = tiny_model(3)
+    labels = [1, 4, 4, 9, 0, 2]
+    kw = dict(cfg_scale=2.0, top_k=0, top_p=0.95, temperature=1.1, seed=99)
+    together = generate(model, labels, **kw)
+    parts = [generate(model, labels[i:i + 3], row_ids=list(range(i, i + 3)), **kw) for i in (0, 3)]
+    assert torch.equal(together, torch.cat(parts))
+    shuffled = generate(model, labels[::-1], row_ids=list(range(6))[::-1], **kw)
+    assert torch.equal(shuffled, together.flip(0))
+    assert not torch.equal(generate(model, labels, **{**kw, "seed": 100}), together)
+    with pytest.raises(ValueError, match="row_ids must be 6 integers"):
+        generate(model, labels, row_ids=[0, 1], **kw)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the sampling pipeline's parts
+# ------------------------------------------------------------------------------------------------------------
+def test_image_decoder_matches_the_tokenizer_and_pads_the_last_chunk():
+    torch.manual_seed(0)
+    tok = FactorizedTokenizer(tiny_tokenizer_config(2)).eval()
+    codes = torch.randint(0, 64, (5, 64, 2))  # 8x8 grid, 2 factors
+    with torch.no_grad():
+        ref = tok.decode_indices(codes.permute(0, 2, 1).reshape(5, 2, 8, 8))
+    ref = torch.clamp(127.5 * ref + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8)
+    got = ImageDecoder(tok, grid=8, size=32, batch=2)(codes)  # chunks of 2, 2, 1 (+1 padding)
+    assert got.shape == (5, 32, 32, 3) and got.dtype == torch.uint8
+    assert (got.int() - ref.int()).abs().max() <= 1  # batch composition may move a rounding boundary
+    resized = ImageDecoder(tok, grid=8, size=16, batch=8)(codes)
+    assert resized.shape == (5, 16, 16, 3)
+
+
+def test_async_writer_writes_every_batch_and_reports_failures():
+    out = np.zeros((10, 2, 2, 3), np.uint8)
+    written = []
+
+    def write(rows, images, payload):
+        out[rows] = images
+        written.append(payload)
+
+    with AsyncWriter(write, depth=1) as w:
+        for start in range(0, 10, 3):
+            rows = np.arange(start, min(start + 3, 10))
+            w.put(rows, torch.full((len(rows), 2, 2, 3), start, dtype=torch.uint8), payload=start)
+    assert written == [0, 3, 6, 9] and (out[:, 0, 0, 0] == [0, 0, 0, 3, 3, 3, 6, 6, 6, 9]).all()
+
+    def broken(rows, images, payload):
+        raise OSError("disk full")
+
+    w = AsyncWriter(broken)
+    w.put(np.arange(1), torch.zeros(1, 2, 2, 3, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="writer thread failed") as e:
+        w.close()
+    assert isinstance(e.value.__cause__, OSError)
+
+
+def test_auto_batch_size_on_cpu_and_memory_model():
+    from autoregressive.models import far_config
+    from autoregressive.sample.pipeline import generation_bytes_per_row
+
+    cfg = far_config("FAR-B", 2)
+    per_row = generation_bytes_per_row(cfg, torch.bfloat16)
+    kv = 24 * 2 * 16 * 257 * 64 * 2  # layers x (K, V) x heads x slots x head dim x bytes
+    assert kv < per_row < 1.1 * kv
+    assert auto_batch_size(cfg, True, torch.float32, torch.device("cpu"), 7, 8, 256).batch == 7
