@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -44,11 +45,24 @@ def test_compiled_bf16_tokenizer_steps_match_eager(data, tmp_path):
     assert compiled[-1]["disc_loss"] == pytest.approx(eager[-1]["disc_loss"], rel=5e-2)
 
 
-def test_compiled_bf16_far_steps_match_eager(setup, tmp_path):
+@pytest.fixture(scope="module")
+def codes(tmp_path_factory):
+    """A code store of random codes (16 images, 8x8 positions, 2 factors, vocabulary 64, 3 classes)."""
+    from autoregressive.data.code_store import CodeStoreWriter
+
+    root = tmp_path_factory.mktemp("codes")
+    rng = np.random.default_rng(0)
+    w = CodeStoreWriter(root, 16, 2, ["vis", "sem"], (8, 8), 64)
+    w.write(rng.integers(0, 64, (16, 2, 2, 64)), rng.integers(0, 3, 16))
+    w.close(num_classes=3)
+    return root
+
+
+def test_compiled_bf16_far_steps_match_eager(codes, tmp_path):
     losses = {}
     for compiled in (False, True):
         args = train_c2i.get_parser(2).parse_args(
-            ["--code-path", str(setup / "codes"), *FAR_TINY, "--global-batch-size", "4", "--exp-name", "c",
+            ["--code-path", str(codes), *FAR_TINY, "--global-batch-size", "4", "--exp-name", "c",
              "--results-dir", str(tmp_path / str(compiled)), "--no-local-save", "--dropout-p", "0",
              "--token-dropout-p", "0", "--device", "cuda"] + ([] if compiled else ["--no-compile"]))
         t = train_c2i.build(args, 2)
@@ -65,16 +79,17 @@ def test_compiled_bf16_far_steps_match_eager(setup, tmp_path):
         assert c["loss"] == pytest.approx(e["loss"], rel=2e-2)
 
 
-def test_far_training_under_torchrun_with_nccl(setup, tmp_path):
-    # one process: NCCL for the model, a gloo side group for the stop flag, metrics reduced on the GPU
+def test_far_training_under_torchrun_with_nccl(codes, tmp_path):
+    # one process, compiled, bf16: NCCL for the model, a gloo side group for the stop flag, metrics reduced on
+    # the GPU
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={free_port()}",
-           str(ROOT / "autoregressive/train/train_c2i_dual.py"), "--code-path", str(setup / "codes"), *FAR_TINY,
+           str(ROOT / "autoregressive/train/train_c2i_dual.py"), "--code-path", str(codes), *FAR_TINY,
            "--global-batch-size", "4", "--max-steps", "3", "--ckpt-every", "2", "--exp-name", "nccl"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"),
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     logged = [json.loads(x) for x in (tmp_path / "results" / "FAR-T-nccl" / "metrics.jsonl").read_text().split("\n")
               if x]
-    assert [m["step"] for m in logged] == [1, 2, 3]
+    assert [m["step"] for m in logged] == [1, 2, 3] and all(np.isfinite(m["loss"]) for m in logged)
     assert sorted(p.name for p in (tmp_path / "results" / "FAR-T-nccl" / "checkpoints").iterdir()) == \
         ["0000002.pt", "0000003.pt"]

@@ -352,6 +352,7 @@ def test_prefetch_keeps_order_and_raises_in_order():
     early.close()  # the reader thread stops instead of blocking on a full queue
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_features_match_cpu(standin):
     images = np.random.default_rng(4).integers(0, 256, (5, 256, 256, 3), dtype=np.uint8)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from autoregressive.data.code_store import CodeDataset
 from autoregressive.sample.sample_c2i import main as sample_main

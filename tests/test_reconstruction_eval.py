@@ -27,11 +27,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(script, *args, nproc=2, cwd):
+def torchrun(script, *args, nproc=2, cwd, gpu=False):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
            "--node_rank=0", f"--master_port={free_port()}", str(ROOT / script), *map(str, args)]
-    # CPU processes with gloo, also on a machine with a GPU (two ranks cannot share one GPU under NCCL)
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    # CPU processes with gloo unless `gpu`, also on a machine with a GPU (two ranks cannot share one under NCCL)
+    env = dict(os.environ, OMP_NUM_THREADS="1", **({} if gpu else {"CUDA_VISIBLE_DEVICES": ""}))
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
