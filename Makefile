@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.requirements-installed
 
 .PHONY: venv test demo bench clean
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(PY) demo/run.py
 
 bench: $(STAMP)
-	$(PY) benchmarks/tokenizer.py
+	$(PY) benchmarks/encode_decode.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -17,19 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from evaluations.inception import InceptionBackend, InceptionGraphMissing, find_inception_graph  # noqa: E402
-from evaluations.inception_torch import TorchBackendConfig, TorchInception  # noqa: E402
-from evaluations.standin import write_standin_graph  # noqa: E402
+from evaluations.inception import InceptionBackend, InceptionGraphMissing, find_inception_graph
+from evaluations.inception_torch import TorchBackendConfig, TorchInception
+from evaluations.standin import write_standin_graph
 
 
 def _time_backend(net: InceptionBackend, batch: np.ndarray, images: int) -> dict:

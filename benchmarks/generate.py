@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from autoregressive.models.far import FAR, FAR_models, far_config  # noqa: E402
-from autoregressive.models.generate import generate  # noqa: E402
-from utils.factors import factor_count  # noqa: E402
+from autoregressive.models.far import FAR, FAR_models, far_config
+from autoregressive.models.generate import generate
+from utils.factors import factor_count
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

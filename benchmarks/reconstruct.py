@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from benchmarks.tokenizer import _sync  # noqa: E402
-from tokenizer.models import FactorizedTokenizer  # noqa: E402
-from tokenizer.reconstruct import image_metrics  # noqa: E402
-from utils.images import to_uint8  # noqa: E402
+from benchmarks.encode_decode import _sync
+from tokenizer.models import FactorizedTokenizer
+from tokenizer.reconstruct import image_metrics
+from utils.images import to_uint8
 
 
 def main(argv=None) -> dict:

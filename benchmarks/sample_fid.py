@@ -25,15 +25,15 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from autoregressive.models import FAR, FAR_models, PRESETS, far_config, generate  # noqa: E402
-from autoregressive.sample.pipeline import ImageDecoder, auto_batch_size, sample_images  # noqa: E402
-from tokenizer.models import FactorizedTokenizer  # noqa: E402
-from utils.npz import ShardedNpzWriter  # noqa: E402
+from autoregressive.models import FAR, FAR_models, far_config, generate
+from autoregressive.sample.pipeline import ImageDecoder, auto_batch_size, sample_images
+from tokenizer.models import FactorizedTokenizer
+from utils.factors import factor_count
+from utils.npz import ShardedNpzWriter
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -92,7 +92,7 @@ def main(argv=None) -> dict:
     decode_batch = args.decode_batch_size or (128 if cuda else 4)
     channels_last = cuda if args.channels_last is None else args.channels_last
     compile_decoder = compile if args.compile_decoder is None else args.compile_decoder
-    factors = PRESETS.get(args.factors) or int(args.factors)
+    factors = factor_count(args.factors)
     preset = {2: "dual", 3: "triple"}[factors]
 
     torch.manual_seed(args.seed)

@@ -16,17 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from demo.photos import load_photo, random_crops  # noqa: E402
-from tokenizer.models import FactorizedTokenizer  # noqa: E402
-from tokenizer.models.quantizer import VectorQuantizer  # noqa: E402
-from utils.data import to_model_range  # noqa: E402
+from demo.photos import load_photo, random_crops
+from tokenizer.models import FactorizedTokenizer
+from tokenizer.models.quantizer import VectorQuantizer
+from utils.data import to_model_range
 
 PHOTOS = ("astronaut", "cat", "coffee", "rocket")
 

@@ -13,22 +13,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from autoregressive.data.code_store import CodeStoreWriter  # noqa: E402
-from autoregressive.models.far import FAR_models  # noqa: E402
-from autoregressive.train.train_c2i import build, get_parser, train_step  # noqa: E402
-from benchmarks.tokenizer import _peak_memory_gb, _sync  # noqa: E402
-from utils.distributed import all_gather_objects, cleanup, get_world_size, init_distributed  # noqa: E402
-from utils.factors import factor_count, factor_names  # noqa: E402
+from autoregressive.data.code_store import CodeStoreWriter
+from autoregressive.models.far import FAR_models
+from autoregressive.train.train_c2i import build, get_parser, train_step
+from benchmarks.encode_decode import _peak_memory_gb, _sync
+from utils.distributed import all_gather_objects, cleanup, get_world_size, init_distributed
+from utils.factors import factor_count, factor_names
 
 
 def random_code_store(root: Path, items: int, factors: int, vocab: int, classes: int) -> Path:

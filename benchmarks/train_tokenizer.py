@@ -18,20 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torchvision  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
 
-from benchmarks.tokenizer import _peak_memory_gb, _sync  # noqa: E402
-from tokenizer.train import build, get_parser, train_step  # noqa: E402
+from benchmarks.encode_decode import _peak_memory_gb, _sync
+from tokenizer.train import build, get_parser, train_step
 
 
 def random_image_folder(root: Path, n: int, size: int) -> Path:

@@ -13,20 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from demo.photos import build_photo_folder  # noqa: E402
-from tokenizer.models import FactorizedTokenizer, load_tokenizer, swap_factor  # noqa: E402
-from utils.data import ImageFolderSafe, eval_transform  # noqa: E402
-from utils.images import save_grid  # noqa: E402
-from utils.rng import seed_everything  # noqa: E402
+from demo.photos import build_photo_folder
+from tokenizer.models import FactorizedTokenizer, load_tokenizer, swap_factor
+from utils.data import ImageFolderSafe, eval_transform
+from utils.images import save_grid
+from utils.rng import seed_everything
 
 CLASSES = ["cat", "coffee", "hubble", "rocket"]  # clearly different colours; sorted, as ImageFolder labels them
 IMAGE = 64

@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import NamedTuple, Sequence
 
 if __name__ == "__main__":
-    # Run as a script: put the repo root, not evaluations/, on sys.path so `evaluations.*` imports work and our
-    # module names (metrics, inception) cannot shadow anything TensorFlow imports.
+    # Run as a script, Python puts evaluations/ first on sys.path; take it off, so our module names (metrics,
+    # inception) cannot shadow anything TensorFlow imports. `evaluations.*` comes from the installed project.
     _here = str(Path(__file__).resolve().parent)
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import torch
+from PIL import Image
 
-from tokenizer.models import load_tokenizer  # noqa: E402
-from utils.checkpoint import CheckpointError, add_unsafe_load_argument  # noqa: E402
-from utils.data import center_crop_arr, to_model_range  # noqa: E402
-from utils.images import save_grid  # noqa: E402
+from tokenizer.models import load_tokenizer
+from utils.checkpoint import CheckpointError, add_unsafe_load_argument
+from utils.data import center_crop_arr, to_model_range
+from utils.images import save_grid
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

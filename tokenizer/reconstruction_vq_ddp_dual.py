@@ -3,12 +3,7 @@
     torchrun --nproc_per_node=8 tokenizer/reconstruction_vq_ddp_dual.py --data-path /data/ImageNet/val \\
         --vq-ckpt fqgan_dual_ds16.pt --per-proc-batch-size 128 --folder-name FQGAN_Dual_DS16
 """
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tokenizer.reconstruct import main  # noqa: E402
+from tokenizer.reconstruct import main
 
 if __name__ == "__main__":
     main(num_factors=2)

@@ -14,16 +14,15 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import numpy as np
+import torch
+from tqdm import tqdm
 
-from utils.data import ImageFolderSafe, eval_batches, eval_transform, rank_shard  # noqa: E402
-from utils.distributed import cleanup, init_distributed  # noqa: E402
-from utils.images import to_uint8  # noqa: E402
-from utils.npz import ShardedNpzWriter  # noqa: E402
+from utils.data import ImageFolderSafe, eval_batches, eval_transform, rank_shard
+from utils.distributed import cleanup, init_distributed
+from utils.images import to_uint8
+from utils.npz import ShardedNpzWriter
 
 
 def get_parser() -> argparse.ArgumentParser:

@@ -4,12 +4,7 @@
         --global-batch-size 256 --entropy-loss-ratio 0.03 --lr 2e-4 --with_disentanglement \\
         --with_clip_supervision --exp-name FQGAN_Dual
 """
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tokenizer.train import main  # noqa: E402
+from tokenizer.train import main
 
 if __name__ == "__main__":
     main(preset="dual")

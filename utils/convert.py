@@ -15,9 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.checkpoint import (CheckpointError, add_unsafe_load_argument, extract_weights, load_file,  # noqa: E402
+from utils.checkpoint import (CheckpointError, add_unsafe_load_argument, extract_weights, load_file,
                               weight_preference, write_checkpoint)
 
 

@@ -3,12 +3,7 @@
     torchrun --nproc_per_node=8 autoregressive/train/extract_codes_c2i_triple_code.py \\
         --vq-ckpt fqgan_triple_ds16.pt --data-path /data/ImageNet/train --code-path codes/triple --ten-crop
 """
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from autoregressive.train.extract_codes import main  # noqa: E402
+from autoregressive.train.extract_codes import main
 
 if __name__ == "__main__":
     main(num_factors=3)

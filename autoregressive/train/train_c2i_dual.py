@@ -3,12 +3,7 @@
     torchrun --nproc_per_node=8 autoregressive/train/train_c2i_dual.py --code-path codes/dual \\
         --gpt-model FAR-B --epochs 300 --lr 1e-4 --global-batch-size 256 --exp-name far_base_dual
 """
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from autoregressive.train.train_c2i import main  # noqa: E402
+from autoregressive.train.train_c2i import main
 
 if __name__ == "__main__":
     main(num_factors=2)

@@ -1,7 +1,7 @@
 """Tokenizer speed: encode and decode images/s, and one training forward+backward, as one JSON line.
 
-    python benchmarks/tokenizer.py                       # VQ-16 dual, 256x256, on CUDA if present, else CPU
-    python benchmarks/tokenizer.py --device cpu --iters 2 --encode-memory-images 64
+    python benchmarks/encode_decode.py                       # VQ-16 dual, 256x256, on CUDA if present, else CPU
+    python benchmarks/encode_decode.py --device cpu --iters 2 --encode-memory-images 64
 
 Random weights (speed does not depend on them). The training step is the model's own forward and backward
 (reconstruction MSE + every factor's quantizer losses + disentanglement + head outputs), without LPIPS, the
@@ -13,16 +13,13 @@ import argparse
 import json
 import platform
 import resource
-import sys
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from tokenizer.models import FactorizedTokenizer  # noqa: E402
+from tokenizer.models import FactorizedTokenizer
 
 
 def _sync(device: torch.device) -> None:
