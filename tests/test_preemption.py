@@ -179,3 +179,40 @@ def test_killed_extraction_resumes_without_redoing_finished_images(setup, tmp_pa
     assert torch.equal(labels, ref_labels)
     assert (codes[0] == 63).all()  # kept from the interrupted run
     assert torch.equal(codes[1:], ref_codes[1:])  # the first batch's other images as encoded then, the rest now
+
+
+def test_killed_sampling_resumes_without_regenerating_finished_images(setup, tmp_path, monkeypatch):
+    from autoregressive.models import FAR, far_config, save_far
+    from autoregressive.sample.sample_c2i import main as sample
+    from utils import npz
+
+    torch.manual_seed(0)
+    save_far(tmp_path / "far.pt", FAR(far_config("FAR-T", 2, vocab_size=64, block_size=64, num_classes=3)))
+    args = ["--vq-ckpt", str(setup / "dual.pt"), "--gpt-ckpt", str(tmp_path / "far.pt"), "--gpt-model", "FAR-T",
+            "--image-size", "32", "--image-size-eval", "32", "--downsample-size", "4", "--num-classes", "3",
+            "--cfg-scale", "2.0", "--num-fid-samples", "6", "--per-proc-batch-size", "2", "--top-k", "16",
+            "--sample-dir", str(tmp_path)]
+    reference = np.load(sample(args + ["--name", "reference"], 2))
+
+    real_mark, marked = npz.ShardedNpzWriter.mark_done, []
+
+    def dies_after_one_batch(self, count):
+        if marked:
+            raise RuntimeError("killed")  # the second batch is written but never recorded as done
+        marked.append(count)
+        real_mark(self, count)
+
+    monkeypatch.setattr(npz.ShardedNpzWriter, "mark_done", dies_after_one_batch)
+    with pytest.raises(RuntimeError):
+        sample(args + ["--name", "run"], 2)
+    monkeypatch.setattr(npz.ShardedNpzWriter, "mark_done", real_mark)
+    part = np.load(tmp_path / "run.npz.parts" / "arr_0.npy", mmap_mode="r+")
+    part[0] = 7  # mark a finished image: a resumed run must not generate it again
+    part.flush()
+    del part
+
+    out = np.load(sample(args + ["--name", "run"], 2))
+    assert (out["arr_0"][0] == 7).all()  # kept from the interrupted run
+    assert np.array_equal(out["arr_0"][1:], reference["arr_0"][1:])  # the rest as an uninterrupted run makes them
+    assert np.array_equal(out["arr_1"], reference["arr_1"])
+    assert not (tmp_path / "run.npz.parts").exists()

@@ -7,11 +7,12 @@ Like the original PNG-folder approach, ranks on several nodes need a shared file
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
@@ -21,24 +22,46 @@ from utils.distributed import barrier, get_rank
 class ShardedNpzWriter:
     """Collective: every rank constructs it, writes its rows with ``write``, and calls ``close``.
 
-    ``arrays`` maps each npz member (``"arr_0"``, ``"arr_1"`` ...) to its full (shape, dtype)."""
+    ``arrays`` maps each npz member (``"arr_0"``, ``"arr_1"`` ...) to its full (shape, dtype).
 
-    def __init__(self, path: str | os.PathLike, arrays: Mapping[str, tuple[tuple[int, ...], np.dtype]]):
+    Resumable with a ``fingerprint`` (what the rows depend on: checkpoints, sampling settings, world size ...):
+    each rank reports the rows it has finished with ``mark_done``; a writer created again for the same path,
+    arrays and fingerprint keeps the parts and tells each rank in ``done`` how many of its rows are finished,
+    so a killed run continues where it stopped. Anything else starts afresh."""
+
+    def __init__(self, path: str | os.PathLike, arrays: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+                 fingerprint: Optional[dict[str, Any]] = None):
         self.path = Path(path)
         self.parts = self.path.with_name(self.path.name + ".parts")
         self.arrays = {k: (tuple(s), np.dtype(d)) for k, (s, d) in arrays.items()}
-        if get_rank() == 0:
+        key = {"arrays": {k: [list(s), d.str] for k, (s, d) in self.arrays.items()}, "fingerprint": fingerprint}
+        key_file = self.parts / "key.json"
+        if get_rank() == 0 and not (fingerprint is not None and key_file.is_file()
+                                    and json.loads(key_file.read_text()) == key):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(self.parts, ignore_errors=True)
             self.parts.mkdir(parents=True)
             for name, (shape, dtype) in self.arrays.items():
                 np.lib.format.open_memmap(self.parts / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
+            key_file.write_text(json.dumps(key))
         barrier()
         self.maps = {name: np.load(self.parts / f"{name}.npy", mmap_mode="r+") for name in self.arrays}
+        self.progress_file = self.parts / f"done_{get_rank():05d}.json"
+        self.done = json.loads(self.progress_file.read_text())["done"] if self.progress_file.is_file() else 0
 
     def write(self, name: str, rows: np.ndarray | slice, data: np.ndarray) -> None:
         """Store ``data`` at ``rows`` (indices or a slice) of member ``name``."""
         self.maps[name][rows] = data
+
+    def mark_done(self, count: int) -> None:
+        """``count`` more of this rank's rows are written (in the order the rank writes them): flush them to
+        disk, then record the progress a resumed writer reports in ``done``."""
+        for m in self.maps.values():
+            m.flush()
+        self.done += count
+        tmp = self.progress_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"done": self.done}))
+        os.replace(tmp, self.progress_file)
 
     def close(self) -> Path:
         for m in self.maps.values():

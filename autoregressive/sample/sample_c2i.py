@@ -168,7 +168,16 @@ def main(argv=None, num_factors: int = 2) -> Path:
                            channels_last=cuda if args.channels_last is None else args.channels_last,
                            compile=compile if args.compile_decoder is None else args.compile_decoder,
                            stream=torch.cuda.Stream(device) if cuda and args.decode_stream else None)
-    writer = ShardedNpzWriter(out, {"arr_0": ((n, size, size, 3), np.uint8), "arr_1": ((n,), np.int64)})
+    # What the images depend on: a killed run rerun with the same command continues where each rank stopped.
+    fingerprint = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())
+                   if k not in ("per_proc_batch_size", "decode_batch_size", "grid_samples", "compile",
+                                "compile_decoder", "channels_last", "decode_stream", "decode_precision")}
+    fingerprint["world_size"] = info.world_size
+    writer = ShardedNpzWriter(out, {"arr_0": ((n, size, size, 3), np.uint8), "arr_1": ((n,), np.int64)},
+                              fingerprint)
+    if writer.done:
+        print(f"rank {info.rank}: resuming after {writer.done} of its {len(mine)} images, already written")
+    todo = mine[writer.done:]
     kw = dict(cfg_scale=_one_or_list(args.cfg_scale), cfg_interval=args.cfg_interval,
               temperature=_one_or_list(args.temperature), top_k=_one_or_list(args.top_k),
               top_p=_one_or_list(args.top_p), compile=compile)
@@ -177,15 +186,16 @@ def main(argv=None, num_factors: int = 2) -> Path:
     def write(rows, images, batch_labels):  # runs in the writer thread
         writer.write("arr_0", rows, images)
         writer.write("arr_1", rows, batch_labels)
+        writer.mark_done(len(rows))
         if info.is_main and sum(len(g) for g in grid_images) < args.grid_samples:
             grid_images.append(torch.from_numpy(images.copy()))
 
     start = time.perf_counter()
     progress = lambda it: tqdm(it, disable=not info.is_main, desc=name[:40])  # noqa: E731
-    sample_images(far, decoder, labels, mine, batch, args.global_seed, write, progress, **kw)
+    sample_images(far, decoder, labels, todo, batch, args.global_seed, write, progress, **kw)
     seconds = time.perf_counter() - start
-    log(f"Rank 0 generated, decoded and wrote {len(mine)} images in {seconds:.1f} s "
-        f"({len(mine) / max(seconds, 1e-9):.1f} images/s, compile {'on' if compile else 'off'})")
+    log(f"Rank 0 generated, decoded and wrote {len(todo)} images in {seconds:.1f} s "
+        f"({len(todo) / max(seconds, 1e-9):.1f} images/s, compile {'on' if compile else 'off'})")
     writer.close()
     if info.is_main:
         print(f"Saved {n} samples to {out} (arr_0 images, arr_1 labels)")
