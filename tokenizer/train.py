@@ -30,7 +30,7 @@ from tokenizer.models import (FactorizedTokenizer, TokenizerConfig, describe_tok
 from tokenizer.teachers import (TeacherUnavailableError, Teachers, add_teacher_arguments, load_teachers,
                                 teacher_overrides_from_args)
 from utils.checkpoint import SAVE_FORMATS, add_unsafe_load_argument, extract_weights, load_file
-from utils.data import ImageFolderSafe, ResumableSampler, collate_train, epoch_loader, train_transform
+from utils.data import ImageFolderSafe, ResumableSampler, collate_train, train_transform
 from utils.distributed import cleanup, is_distributed
 from utils.ema import requires_grad, update_ema
 from utils.images import save_grid
@@ -379,17 +379,11 @@ def main(argv=None, preset: str = "dual") -> Optional[Path]:
     throughput, averager = Throughput(device), MetricAverager(device)
     guard, stop = NonFiniteGuard(device, args.max_nonfinite_steps), StopSignal()
 
-    def set_epoch(epoch: int, first_batch: int) -> None:
-        t.sampler.set_epoch(epoch, first_batch)
-        t.dataset.set_epoch(epoch)
-
-    def make_loader():
-        return epoch_loader(t.dataset, t.sampler, run.micro_batch * run.accum, args.num_workers, collate_train,
-                            device, args.global_seed)
-
     log.info(f"Training for {args.epochs} epochs ({t.total_steps - t.start.step} steps to go)...")
     pos, saved, last_saved, error = t.start, t.start.step, None, None
-    for epoch, done, (images, _, n_bad) in epoch_batches(t.start, args.epochs, set_epoch, make_loader):
+    batches = epoch_batches(t.start, args.epochs, t.dataset, t.sampler, run.micro_batch * run.accum,
+                            args.num_workers, collate_train, device, args.global_seed)
+    for epoch, done, (images, _, n_bad) in batches:
         if pos.step >= t.total_steps:
             break
         images = images.to(device, non_blocking=True)

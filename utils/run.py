@@ -10,12 +10,13 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NoReturn, Optional
+from typing import Any, Iterator, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
 
 from utils.checkpoint import atomic_save, write_checkpoint
+from utils.data import epoch_loader
 from utils.distributed import DistInfo, barrier, get_world_size, init_distributed, is_distributed
 from utils.logging import create_logger
 from utils.rng import gather_rng_states, restore_rng_state, seed_everything
@@ -114,14 +115,16 @@ def restore_position(ckpt: dict[str, Any], steps_per_epoch: int, scalers: dict[s
     return Position(steps, state["epoch"], state["batch_in_epoch"]), state
 
 
-def epoch_batches(start: Position, epochs: int, set_epoch: Callable[[int, int], None],
-                  make_loader: Callable[[], Iterable]) -> Iterator[tuple[int, int, Any]]:
-    """(epoch, batches of that epoch done after this one, batch) from ``start`` to the end of the last epoch.
-    ``set_epoch(epoch, first_batch)`` positions sampler and dataset; ``make_loader()`` builds the epoch's loader."""
+def epoch_batches(start: Position, epochs: int, dataset, sampler, batch_size: int, num_workers: int, collate_fn,
+                  device: torch.device, seed: int) -> Iterator[tuple[int, int, Any]]:
+    """(epoch, batches of that epoch done after this one, batch) from ``start`` to the end of the last epoch:
+    positions the (resumable) sampler and the dataset's augmentations at each epoch, and loads its batches."""
     for epoch in range(start.epoch, epochs):
         first = start.batch if epoch == start.epoch else 0
-        set_epoch(epoch, first)
-        for done, batch in enumerate(make_loader(), start=first + 1):
+        sampler.set_epoch(epoch, first)
+        dataset.set_epoch(epoch)
+        loader = epoch_loader(dataset, sampler, batch_size, num_workers, collate_fn, device, seed)
+        for done, batch in enumerate(loader, start=first + 1):
             yield epoch, done, batch
 
 

@@ -24,7 +24,7 @@ from autoregressive.data.code_store import CodeDataset, collate_codes
 from autoregressive.models import FAR, FAR_models, describe_far, far_checkpoint, far_config, load_far_weights
 from autoregressive.models.far import FARConfig, TransformerBlock
 from utils.checkpoint import SAVE_FORMATS, add_unsafe_load_argument, extract_weights, load_file
-from utils.data import ResumableSampler, epoch_loader
+from utils.data import ResumableSampler
 from utils.distributed import cleanup, is_distributed
 from utils.ema import requires_grad, update_ema
 from utils.factors import preset_name
@@ -261,17 +261,11 @@ def main(argv=None, num_factors: int = 2) -> Optional[Path]:
     throughput, averager = Throughput(device), MetricAverager(device)
     guard, stop = NonFiniteGuard(device, args.max_nonfinite_steps), StopSignal()
 
-    def set_epoch(epoch: int, first_batch: int) -> None:
-        t.sampler.set_epoch(epoch, first_batch)
-        t.dataset.set_epoch(epoch)
-
-    def make_loader():
-        return epoch_loader(t.dataset, t.sampler, run.micro_batch * run.accum, args.num_workers, collate_codes,
-                            device, args.global_seed)
-
     log.info(f"Training for {args.epochs} epochs ({t.total_steps - t.start.step} steps to go)...")
     pos, saved, last_saved, error = t.start, t.start.step, None, None
-    for epoch, done, (codes, labels) in epoch_batches(t.start, args.epochs, set_epoch, make_loader):
+    batches = epoch_batches(t.start, args.epochs, t.dataset, t.sampler, run.micro_batch * run.accum,
+                            args.num_workers, collate_codes, device, args.global_seed)
+    for epoch, done, (codes, labels) in batches:
         if pos.step >= t.total_steps:
             break
         logs, skipped = train_step(t, codes.to(device, non_blocking=True), labels.to(device, non_blocking=True))
