@@ -9,6 +9,12 @@ than early ones and a prefix overestimates the full-image rate: time full images
 An untimed warm-up generation runs first (compilation, CUDA-graph capture, allocation; its time is
 ``setup_s``): --warmup positions, or the whole timed shape when CUDA graphs are on (they are per shape).
 See benchmarks/sample_fid.py for the whole pipeline (generation, decoding, writing).
+
+--attention picks how each position's single query attends (generate's ``attention``: sdpa or reductions).
+--profile adds where the device time goes: one more full generation, compiled but without CUDA graphs (so
+every kernel shows up by name), under torch.profiler; the JSON gets the kernels with the most device time per
+position (``profile_top``) and their sum (``profile_device_ms_per_position``), to set against
+``ms_per_position``.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import time
 import torch
 
 
-from autoregressive.models.far import FAR, FAR_models, far_config
+from autoregressive.models.far import ATTENTION_KERNELS, FAR, FAR_models, far_config
 from autoregressive.models.generate import generate
 from utils.factors import factor_count
 
@@ -42,6 +48,9 @@ def main(argv=None) -> dict:
     p.add_argument("--compile", action="store_true", help="torch.compile the position step (CUDA graphs on GPU)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="capture every position as a CUDA graph (default: with --compile on CUDA)")
+    p.add_argument("--attention", default="sdpa", choices=ATTENTION_KERNELS,
+                   help="how a decoding query attends (see far.single_query_attention)")
+    p.add_argument("--profile", action="store_true", help="add the device time per kernel (see above)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--loader-items", type=int, default=8192,
@@ -66,7 +75,7 @@ def main(argv=None) -> dict:
     labels = torch.randint(0, cfg.num_classes, (args.batch_size,), device=device)
     graphs = args.cuda_graphs if args.cuda_graphs is not None else args.compile and device.type == "cuda"
     kw = dict(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, compile=args.compile,
-              cuda_graphs=graphs, seed=args.seed)
+              cuda_graphs=graphs, seed=args.seed, attention=args.attention)
 
     def sync():
         if device.type == "cuda":
@@ -105,16 +114,44 @@ def main(argv=None) -> dict:
         "dtype": dtype_name,
         "compile": args.compile,
         "cuda_graphs": graphs,
+        "attention": args.attention,
         "setup_s": round(setup_s, 2),
         "threads": torch.get_num_threads(),
         "warmup_positions": args.warmup,
         "repeats": args.repeats,
         "torch": torch.__version__,
     }
+    if args.profile:
+        result.update(kernel_profile(model, labels, args.num_positions, {**kw, "cuda_graphs": False}))
     if args.loader_items:
         result.update(loader_speed(args.loader_items, cfg.num_factors, cfg.block_size, cfg.vocab_size))
     print(json.dumps(result))
     return result
+
+
+def kernel_profile(model: FAR, labels: torch.Tensor, positions: int, kw: dict, top: int = 12) -> dict:
+    """Device time per kernel name over one generation (see --profile), per position, the largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = labels.device.type == "cuda"
+    generate(model, labels, positions, **kw)  # warm-up without graphs (the compiled step is already built)
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        generate(model, labels, positions, **kw)
+        if cuda:
+            torch.cuda.synchronize(labels.device)
+    times: dict = {}
+    for event in prof.events():  # on CUDA the kernels themselves; on the CPU each op's own (self) time
+        if cuda and event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = event.device_time_total if cuda else event.self_cpu_time_total
+        if us:
+            times[event.name] = times.get(event.name, 0.0) + us
+    total = sum(times.values())
+    largest = sorted(times.items(), key=lambda kv: -kv[1])[:top]
+    return {"profile_device_ms_per_position": round(total / 1e3 / positions, 3),
+            "profile_top": [{"kernel": name[:90], "ms_per_position": round(us / 1e3 / positions, 3),
+                             "share": round(us / total, 3)} for name, us in largest],
+            "profile_kernels": len(times)}
 
 
 def loader_speed(items: int, factors: int, tokens: int, vocab: int, batch: int = 256) -> dict:

@@ -5,6 +5,7 @@
 # step's wall time go to stderr; full logs to $SUITE_LOGS (default: a fresh temporary folder).
 #
 #   bash benchmarks/gpu_suite.sh | tee suite.jsonl
+#   SUITE_ONLY='sample|generate' bash benchmarks/gpu_suite.sh     # only the steps whose names match (grep -E)
 #
 # Budget: 9 minutes (SUITE_BUDGET_S, default 540 s; compiling is most of it, see the step list). Each step's timeout is cut to
 # what is left of the budget; a step with under 20 s left is reported as skipped. Steps run in order of
@@ -34,6 +35,9 @@ print(json.dumps({"benchmark": name, "error": "timeout" if rc in ("124", "137") 
 run() {
   local name=$1 limit=$2
   shift 2
+  if [ -n "${SUITE_ONLY:-}" ] && [ "$name" != environment ] && ! grep -qE "$SUITE_ONLY" <<<"$name"; then
+    return
+  fi
   local left=$((BUDGET - ($(date +%s) - START)))
   if [ "$left" -lt 20 ]; then
     echo "{\"benchmark\": \"$name\", \"skipped\": \"suite budget spent\"}"
@@ -70,12 +74,29 @@ fi
 # Steps in order of importance; the budget cuts the tail. Seen on an H200 (torch 2.11): the compiled sampling
 # step takes ~125 s (84 s of it compile and capture), pytest -m cuda ~280 s, and compiling the full-size
 # tokenizer's training step more than 180 s.
-# 1. Training: the tokenizer (VQ-16 dual, batch 32, bf16), compiled: the model step, then the full step
+# 1. Generation, FAR-B dual, CFG 2.0, batch 1024, compiled + CUDA graphs: how a decoding query attends, the
+#    reduction kernels against SDPA (flash attention), each with its device time per kernel (--profile).
+#    Seen before with SDPA: ~31 ms per position at this batch, against a floor of ~8 ms.
+for ATT in reductions sdpa; do
+  run generate_farb_dual_b1024_$ATT 160 "$PY" benchmarks/generate.py --gpt-model FAR-B --factors 2 \
+    --batch-size 1024 --cfg-scale 2.0 --compile --attention $ATT --profile --loader-items 0
+done
+# 2. FID sampling, the whole pipeline (batch from free memory, compiled decoder), with the faster attention of 1:
+#    two timed batches, then the same decoding on a second stream (images_per_s_decode_stream).
+FASTER=$(grep -h '"benchmark": "generate"' "$LOGS"/generate_farb_dual_b1024_*.out 2>/dev/null | "$PY" -c '
+import json, sys
+runs = [json.loads(line) for line in sys.stdin]
+print(max(runs, key=lambda r: r["images_per_s"])["attention"] if runs else "sdpa")' 2>/dev/null || echo sdpa)
+SAMPLE_BATCH=${SAMPLE_BATCH:-}
+run sample_fid_farb_dual_compiled 200 "$PY" benchmarks/sample_fid.py --gpt-model FAR-B --factors 2 \
+  --cfg-scale 2.0 ${SAMPLE_BATCH:+--batch-size $SAMPLE_BATCH} --num-batches 2 --decode-stream both \
+  --attention "${FASTER:-sdpa}"
+# 3. Training: the tokenizer (VQ-16 dual, batch 32, bf16), compiled: the model step, then the full step
 #    (LPIPS + GAN; LPIPS needs the lpips package, pure Python: carry its wheel); FAR-B dual, batch 64, compiled.
 run train_tokenizer_compiled 300 "$PY" benchmarks/train_tokenizer.py --compile --iters 3
 run train_far_compiled 120 "$PY" benchmarks/train_far.py --iters 5
-# 2. The CUDA-only tests: compiled generation == eager, the sampler and training under torchrun/NCCL, compiled
-#    bf16 training steps == eager, the torch Inception backend on the GPU.
+# 4. The CUDA-only tests: compiled generation == eager, the sampler and training under torchrun/NCCL, compiled
+#    bf16 training steps as close to float32 as eager bf16 steps, the torch Inception backend on the GPU.
 run pytest_cuda 300 "$PY" -c '
 import json, subprocess, sys, time
 t0 = time.time()
@@ -88,21 +109,16 @@ print(json.dumps({"benchmark": "pytest_cuda", "rc": r.returncode, "summary": lin
                   "durations": [l for l in lines if " call " in l or " setup " in l][:12],
                   "seconds": round(time.time() - t0, 1)}))
 sys.exit(r.returncode)'
-# 3. The evaluator's torch backend on the GPU (a full-size stand-in Inception graph).
+# 5. The evaluator's torch backend on the GPU (a full-size stand-in Inception graph).
 run evaluator 90 "$PY" benchmarks/evaluator.py --backend torch --device cuda --images 3000
-# 4. FID sampling: FAR-B dual, CFG 2.0, batch from free memory, compiled (+ CUDA graphs, compiled decoder), two
-#    timed batches, then the same again decoding on a second stream (images_per_s_decode_stream).
-SAMPLE_BATCH=${SAMPLE_BATCH:-}
-run sample_fid_farb_dual_compiled 220 "$PY" benchmarks/sample_fid.py --gpt-model FAR-B --factors 2 \
-  --cfg-scale 2.0 ${SAMPLE_BATCH:+--batch-size $SAMPLE_BATCH} --num-batches 2 --decode-stream both
-# 5. TF32 and the codes.
+# 6. TF32 and the codes.
 run tf32_indices 60 "$PY" benchmarks/tf32_indices.py
-# 6. Eager references at the same sizes: sampling (compiled must never be slower), the tokenizer model step.
+# 7. Eager references at the same sizes: sampling (compiled must never be slower), the tokenizer model step.
 run sample_fid_farb_dual_eager 120 "$PY" benchmarks/sample_fid.py --gpt-model FAR-B --factors 2 \
   --cfg-scale 2.0 ${SAMPLE_BATCH:+--batch-size $SAMPLE_BATCH} --num-batches 1 --no-compile --no-stages
 run train_tokenizer_eager 90 "$PY" benchmarks/train_tokenizer.py --steps model --iters 3
 run train_far_eager 60 "$PY" benchmarks/train_far.py --no-compile --iters 5
-# 7. The decoder alone (fp32, bf16, bf16 + channels_last, compiled), eager generation at batch 256 (the issue's
+# 8. The decoder alone (fp32, bf16, bf16 + channels_last, compiled), eager generation at batch 256 (the issue's
 #    starting point: 38.8 images/s on an H200), encoding / decoding and reconstruction throughput.
 run decode_variants 120 "$PY" benchmarks/sample_fid.py --decode-variants --decode-batch-size 128
 run generate_farb_dual_eager_b256 90 "$PY" benchmarks/generate.py --gpt-model FAR-B --factors 2 \

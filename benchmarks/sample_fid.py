@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from autoregressive.models import FAR, FAR_models, far_config, generate
+from autoregressive.models.far import ATTENTION_KERNELS
 from autoregressive.sample.pipeline import ImageDecoder, auto_batch_size, sample_images
 from tokenizer.models import FactorizedTokenizer
 from utils.factors import factor_count
@@ -57,6 +58,8 @@ def main(argv=None) -> dict:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--attention", default="sdpa", choices=ATTENTION_KERNELS,
+                   help="how a decoding query attends (generate's attention; see far.single_query_attention)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compiled position step + CUDA graphs (default: on with CUDA)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="generator dtype (default: bf16 on CUDA)")
@@ -119,7 +122,7 @@ def main(argv=None) -> dict:
     decoder = ImageDecoder(tok, grid, args.image_size, decode_batch, decode_dtype, channels_last, compile_decoder,
                            stream=torch.cuda.Stream(device) if cuda and args.decode_stream == "on" else None)
     kw = dict(cfg_scale=args.cfg_scale, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
-              compile=compile)
+              compile=compile, attention=args.attention)
     labels = np.random.default_rng(args.seed).integers(0, cfg.num_classes, size=n + batch)
 
     def sync():
@@ -202,6 +205,7 @@ def main(argv=None) -> dict:
         "cfg_scale": args.cfg_scale,
         "top_k": args.top_k,
         "compile": compile,
+        "attention": args.attention,
         "dtype": str(dtype).replace("torch.", ""),
         "decode_batch": decode_batch,
         "decode_dtype": str(decode_dtype).replace("torch.", ""),

@@ -8,7 +8,10 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+import torch.nn.functional as F
+
 from autoregressive.models import generate
+from autoregressive.models.far import single_query_attention
 from autoregressive.models.generate import row_keys, sample, uniform_noise
 from autoregressive.sample.pipeline import AsyncWriter, ImageDecoder, auto_batch_size
 from test_far_model import tiny_model
@@ -37,18 +40,21 @@ CHI2_1E4 = {9: 33.7, 19: 51.2, 39: 78.0}
 # ------------------------------------------------------------------------------------------------------------
 # compiled == eager
 # ------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("factors,kw,sampling", [
+@pytest.mark.parametrize("factors,kw,sampling,attention", [
     # factor 1 greedy, factor 2 sampled with top-k and top-p: one compilation covers both paths
-    (2, {}, dict(cfg_scale=(1.5, 3.0), top_k=(1, 8), top_p=(1.0, 0.9), temperature=(1.0, 1.2))),
-    (3, dict(n_kv_head=2), dict(cfg_scale=(2.0, 1.0, 4.0), top_k=1)),
+    (2, {}, dict(cfg_scale=(1.5, 3.0), top_k=(1, 8), top_p=(1.0, 0.9), temperature=(1.0, 1.2)), "sdpa"),
+    (3, dict(n_kv_head=2), dict(cfg_scale=(2.0, 1.0, 4.0), top_k=1), "sdpa"),
+    # the reduction attention, compiled, against eager SDPA (grouped-query heads: the broadcast path)
+    (3, dict(n_kv_head=2), dict(cfg_scale=(2.0, 1.0, 4.0), top_k=(1, 8, 0)), "reductions"),
 ])
-def test_compiled_generation_equals_eager(factors, kw, sampling):
+def test_compiled_generation_equals_eager(factors, kw, sampling, attention):
     """Greedy and sampled codes are identical (the random numbers are the same integers in both); the
     position step compiles once, not once per position (the attention length is a dynamic size)."""
     model = tiny_model(factors, **kw).float()
     labels = [3, 7, 0]
     eager = generate(model, labels, seed=11, **sampling)
     before = counters["stats"]["unique_graphs"]
+    sampling = dict(sampling, attention=attention)
     compiled = generate(model, labels, seed=11, compile=True, **sampling)
     assert counters["stats"]["unique_graphs"] - before <= 1
     assert compiled.shape == (3, model.config.block_size, factors)
@@ -58,14 +64,29 @@ def test_compiled_generation_equals_eager(factors, kw, sampling):
     assert torch.equal(again, generate(model, [1, 2, 3], seed=12, **sampling))
 
 
-def test_prefix_attention_reads_only_the_filled_cache():
+@pytest.mark.parametrize("attention", ["sdpa", "reductions"])
+def test_prefix_attention_reads_only_the_filled_cache(attention):
     """Eager decoding slices the cache to the filled length: stale entries beyond it cannot leak in."""
     model = tiny_model(2)
-    first = generate(model, [4, 5], cfg_scale=2.0, top_k=1, seed=0)
+    first = generate(model, [4, 5], cfg_scale=2.0, top_k=1, seed=0, attention=attention)
     for layer in list(model.layers) + list(model.ar_head):  # garbage in every cache slot
         layer.attention.kv_cache.k.normal_(0, 100.0)
         layer.attention.kv_cache.v.normal_(0, 100.0)
+    assert torch.equal(generate(model, [4, 5], cfg_scale=2.0, top_k=1, seed=0, attention=attention), first)
     assert torch.equal(generate(model, [4, 5], cfg_scale=2.0, top_k=1, seed=0), first)
+
+
+def test_single_query_attention_equals_sdpa():
+    torch.manual_seed(0)
+    q = torch.randn(3, 8, 1, 16, dtype=torch.float64)
+    for kv_heads in (8, 2):  # plain and grouped-query heads
+        k, v = torch.randn(2, 3, kv_heads, 9, 16, dtype=torch.float64)
+        g = 8 // kv_heads
+        ref = F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1))
+        got = single_query_attention(q, k, v)
+        assert got.dtype == q.dtype and torch.allclose(got, ref, atol=1e-12)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        generate(tiny_model(2), [1], attention="flash")
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -1,10 +1,16 @@
 """The training forwards compile as one graph (no graph break, so no host sync hidden in them), and compiled
-training steps give the eager losses. On CPU the equality check compiles through dynamo and AOTAutograd
-(``aot_eager``: the graph capture, functionalisation and autograd that inductor starts from); inductor's own code
-generation for these models takes minutes on a 2-core CPU and is exercised on CUDA by ``pytest -m cuda``."""
+training steps give the eager losses:
+* through dynamo and AOTAutograd (``aot_eager``: the graph capture, functionalisation and autograd that inductor
+  starts from), where the arithmetic is eager's, so the losses agree to 1e-3 over GAN steps too;
+* through inductor itself (its C++ code on the CPU; Triton on CUDA is ``pytest -m cuda``), where fused kernels
+  reassociate float32 sums, which Adam's first normalised updates amplify. Inductor takes over a minute to
+  compile the tiny tokenizer on 2 cores, so that check covers the model step (before --disc-start).
+Random ops inside compiled graphs follow eager's generator (``fallback_random``): FAR's label dropout draws
+from it."""
 import pytest
 import torch
 import torch._dynamo as dynamo
+import torch._inductor.config
 
 from autoregressive.models import FAR, far_config
 from autoregressive.train import train_c2i
@@ -28,17 +34,23 @@ def test_training_forwards_have_no_graph_breaks():
     assert explained.graph_break_count == 0, explained.break_reasons
 
 
-def _tokenizer_losses(data, tmp_path, compiled: bool) -> list[dict]:
+@pytest.fixture(autouse=True)
+def random_ops_like_eager():
+    with torch._inductor.config.patch(fallback_random=True):
+        yield
+
+
+def _tokenizer_losses(data, tmp_path, backend, disc_start: int = 2) -> list[dict]:
     args = tokenizer_train.get_parser("dual").parse_args(
-        ["--data-path", str(data), *TINY, "--global-batch-size", "4", "--disc-start", "2", "--exp-name", "c",
-         "--results-dir", str(tmp_path / ("compiled" if compiled else "eager")), "--no-local-save"])
+        ["--data-path", str(data), *TINY, "--global-batch-size", "4", "--disc-start", str(disc_start),
+         "--exp-name", "c", "--results-dir", str(tmp_path / str(backend)), "--no-local-save"])
     t = tokenizer_train.build(args, "dual")
-    if compiled:
-        t.train_model = torch.compile(t.model, backend=CPU_BACKEND)
-        t.run_disc = t.train_disc = torch.compile(t.disc, backend=CPU_BACKEND)
+    if backend:
+        t.train_model = torch.compile(t.model, backend=backend)
+        t.run_disc = t.train_disc = torch.compile(t.disc, backend=backend)
     gen = torch.Generator().manual_seed(0)
     out = []
-    for step in (1, 2, 3):  # the GAN switches on at step 2: both graphs of the discriminator
+    for step in (1, 2, 3):  # with --disc-start 2 the GAN switches on at step 2: both graphs of the discriminator
         images = torch.rand(4, 3, 32, 32, generator=gen) * 2 - 1
         logs, skipped, _ = tokenizer_train.train_step(t, images, step)
         assert not skipped
@@ -47,32 +59,49 @@ def _tokenizer_losses(data, tmp_path, compiled: bool) -> list[dict]:
 
 
 def test_compiled_tokenizer_steps_match_eager(data, tmp_path):
-    eager, compiled = _tokenizer_losses(data, tmp_path, False), _tokenizer_losses(data, tmp_path, True)
+    eager, compiled = _tokenizer_losses(data, tmp_path, None), _tokenizer_losses(data, tmp_path, CPU_BACKEND)
     for e, c in zip(eager, compiled):
         for k in ("loss", "rec_loss", "codebook_loss_vis", "entropy_loss_sem", "disentangle_loss", "grad_norm"):
             assert c[k] == pytest.approx(e[k], rel=1e-3, abs=1e-6), k
     assert compiled[-1]["disc_loss"] == pytest.approx(eager[-1]["disc_loss"], rel=1e-3)
 
 
-def test_compiled_far_steps_match_eager(setup, tmp_path):
-    losses = {}
-    for compiled in (False, True):
-        args = train_c2i.get_parser(2).parse_args(
-            ["--code-path", str(setup / "codes"), *FAR_TINY, "--global-batch-size", "4", "--exp-name", "c",
-             "--results-dir", str(tmp_path / str(compiled)), "--no-local-save", "--dropout-p", "0",
-             "--token-dropout-p", "0"])
-        t = train_c2i.build(args, 2)
-        if compiled:
-            t.train_model = torch.compile(t.model, backend=CPU_BACKEND)
-        gen = torch.Generator().manual_seed(0)
-        torch.manual_seed(1)  # label dropout draws from the global RNG
-        steps = []
-        for _ in range(3):
-            codes, labels = torch.randint(0, 64, (4, 64, 2), generator=gen), torch.randint(0, 3, (4,), generator=gen)
-            logs, skipped = train_c2i.train_step(t, codes, labels)
-            assert not skipped
-            steps.append({k: float(v) for k, v in logs.items()})
-        losses[compiled] = steps
-    for e, c in zip(losses[False], losses[True]):
-        for k in ("loss", "loss_vis", "loss_sem", "grad_norm"):
-            assert c[k] == pytest.approx(e[k], rel=1e-4), k
+def test_inductor_tokenizer_steps_match_eager(data, tmp_path):
+    eager = _tokenizer_losses(data, tmp_path, None, disc_start=100)
+    compiled = _tokenizer_losses(data, tmp_path, "inductor", disc_start=100)
+    # step 1 starts from the same weights; measured differences: losses ~3e-7, grad_norm 2e-5 relative, then
+    # 1e-3 at step 2 (the weights now differ by Adam's first, sign-like updates)
+    for step, (e, c), rel in zip((1, 2, 3), zip(eager, compiled), (1e-4, 1e-2, 5e-2)):
+        for k in ("loss", "rec_loss", "codebook_loss_vis", "commit_loss_sem", "entropy_loss_sem", "disentangle_loss",
+                  "grad_norm"):
+            assert c[k] == pytest.approx(e[k], rel=rel, abs=1e-6), (step, k, e[k], c[k])
+
+
+def _far_losses(codes_root, tmp_path, backend) -> list[dict]:
+    args = train_c2i.get_parser(2).parse_args(
+        ["--code-path", str(codes_root), *FAR_TINY, "--global-batch-size", "4", "--exp-name", "c",
+         "--results-dir", str(tmp_path / str(backend)), "--no-local-save", "--dropout-p", "0",
+         "--token-dropout-p", "0"])
+    t = train_c2i.build(args, 2)
+    if backend:
+        t.train_model = torch.compile(t.model, backend=backend)
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(1)  # label dropout draws from the global RNG
+    steps = []
+    for _ in range(3):
+        codes, labels = torch.randint(0, 64, (4, 64, 2), generator=gen), torch.randint(0, 3, (4,), generator=gen)
+        logs, skipped = train_c2i.train_step(t, codes, labels)
+        assert not skipped
+        steps.append({k: float(v) for k, v in logs.items()})
+    return steps
+
+
+@pytest.mark.parametrize("backend,rel,grad_rel", [(CPU_BACKEND, 1e-4, 1e-4), ("inductor", 1e-4, 2e-2)])
+def test_compiled_far_steps_match_eager(setup, tmp_path, backend, rel, grad_rel):
+    eager, compiled = _far_losses(setup / "codes", tmp_path, None), _far_losses(setup / "codes", tmp_path, backend)
+    for e, c in zip(eager, compiled):
+        for k in ("loss", "loss_vis", "loss_sem"):
+            assert c[k] == pytest.approx(e[k], rel=rel), k
+        # the gradient norm sums many small terms (the output layers start at zero): inductor's fused sums
+        # move it by ~5e-3 relative
+        assert c["grad_norm"] == pytest.approx(e["grad_norm"], rel=grad_rel)

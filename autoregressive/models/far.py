@@ -199,6 +199,29 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+ATTENTION_KERNELS = ("sdpa", "reductions")  # how a single decoding query attends (see single_query_attention)
+
+
+def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v for ONE query per (row, head): q (B, H, 1, d), k and v (B, H_kv, L, d).
+
+    Written as two reductions instead of a fused attention kernel. With one query, the work is reading the
+    cache; but SDPA's fused kernels process queries in tiles of 64 or 128 rows, so for a single query they do
+    64-128 times the arithmetic that reading it needs. Compiled by inductor, these lines become a kernel that
+    reads K once (the scores, reduced over d), a small softmax over L, and a kernel that reads V once (reduced
+    over L), with scores and probabilities in float32 (float64 inputs stay float64). Grouped-query heads
+    broadcast, so K and V are not copied per head. Run eagerly it materialises (B, H, L, d) products: it is
+    meant for compiled decoding (``generate(..., attention="reductions")``)."""
+    B, H, _, d = q.shape
+    kv_heads = k.shape[1]
+    acc = torch.promote_types(q.dtype, torch.float32)  # bf16 / fp16 accumulate in float32, float64 stays
+    q = q.to(acc).view(B, kv_heads, H // kv_heads, 1, d) * d ** -0.5   # (B, H_kv, G, 1, d)
+    scores = (q * k[:, :, None].to(acc)).sum(-1)                         # (B, H_kv, G, L)
+    probs = scores.softmax(-1)
+    y = (probs[..., None] * v[:, :, None].to(acc)).sum(-2)               # (B, H_kv, G, d)
+    return y.reshape(B, H, 1, d).to(v.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: FARConfig):
         super().__init__()
@@ -210,12 +233,14 @@ class Attention(nn.Module):
         self.kv_cache: Optional[KVCache] = None
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
-                mask: Optional[torch.Tensor] = None, kv_len: Optional[int] = None) -> torch.Tensor:
+                mask: Optional[torch.Tensor] = None, kv_len: Optional[int] = None,
+                kernel: str = "sdpa") -> torch.Tensor:
         """Without ``input_pos``: causal attention over x alone (training, teacher forcing). With it: x holds
         the sequence positions ``input_pos``; their keys/values go into the cache, and the queries attend to
         the first ``kv_len`` cache entries (default: all), restricted by ``mask`` (len(input_pos), kv_len)
         when given. A single query at the last filled entry needs no mask, which keeps SDPA on its fastest
-        kernels (flash attention on a GPU)."""
+        kernels (flash attention on a GPU); ``kernel="reductions"`` computes that case with
+        ``single_query_attention`` instead."""
         B, T, _ = x.shape
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
@@ -227,11 +252,14 @@ class Attention(nn.Module):
             if kv_len is None:
                 kv_len = k.shape[2] if mask is None else mask.shape[-1]
             k, v = k[:, :, :kv_len], v[:, :, :kv_len]
-        if self.n_kv_head != self.n_head:
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=input_pos is None,
-                                           dropout_p=self.attn_dropout_p if self.training else 0.0)
+        if kernel == "reductions" and input_pos is not None and T == 1 and mask is None:
+            y = single_query_attention(q, k, v)
+        else:
+            if self.n_kv_head != self.n_head:
+                k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+                v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=input_pos is None,
+                                               dropout_p=self.attn_dropout_p if self.training else 0.0)
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, q_dim)))
 
 
@@ -252,8 +280,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.drop_path_p = drop_path_p
 
-    def forward(self, x, rope, input_pos=None, mask=None, kv_len=None):
-        h = self.attention(self.attention_norm(x), rope, input_pos, mask, kv_len)
+    def forward(self, x, rope, input_pos=None, mask=None, kv_len=None, kernel="sdpa"):
+        h = self.attention(self.attention_norm(x), rope, input_pos, mask, kv_len, kernel)
         x = x + drop_path(h, self.drop_path_p, self.training)
         return x + drop_path(self.feed_forward(self.ffn_norm(x)), self.drop_path_p, self.training)
 
@@ -434,7 +462,8 @@ class FAR(nn.Module):
         return self.aggregation_layer(torch.cat([self.tok_embedding(f)(tokens[:, f:f + 1])
                                                  for f in range(self.config.num_factors)], dim=-1))
 
-    def trunk_step(self, x: torch.Tensor, input_pos: torch.Tensor, kv_len: Optional[int] = None) -> torch.Tensor:
+    def trunk_step(self, x: torch.Tensor, input_pos: torch.Tensor, kv_len: Optional[int] = None,
+                   kernel: str = "sdpa") -> torch.Tensor:
         """Run the trunk on x (B, S, D) at sequence positions input_pos (S,) with the cache; (B, S, D) out.
         Sequence position 0 is the class token, position p >= 1 holds the codes of grid position p - 1.
 
@@ -442,7 +471,7 @@ class FAR(nn.Module):
         so attention costs what the filled part of the cache costs. A single query (S == 1) then sees every
         entry it attends to and needs no mask (for S == 1, kv_len must be input_pos + 1). Under torch.compile
         ``kv_len`` may be a symbolic size (one graph for every length). None attends over the whole cache with
-        a causal mask (static shapes; the slow reference)."""
+        a causal mask (static shapes; the slow reference). ``kernel``: how a single query attends (``Attention``)."""
         S = x.shape[1]
         mask = None
         if kv_len is None or S > 1:
@@ -450,10 +479,10 @@ class FAR(nn.Module):
             mask = torch.arange(length, device=x.device)[None, :] <= input_pos[:, None]
         rope = self.rope[input_pos]
         for layer in self.layers:
-            x = layer(x, rope, input_pos, mask, kv_len)
+            x = layer(x, rope, input_pos, mask, kv_len, kernel)
         return x
 
-    def head_step(self, x: torch.Tensor, step: int) -> torch.Tensor:
+    def head_step(self, x: torch.Tensor, step: int, kernel: str = "sdpa") -> torch.Tensor:
         """Factor-head step ``step`` on x (B, 1, D): the trunk output for step 0, else the embedding of factor
         ``step - 1``'s code (see ``tok_embedding``). Returns the float32 logits (B, vocab) of factor ``step``.
         The step writes cache slot ``step`` and reads slots 0..step, all written at this position, so the
@@ -461,5 +490,5 @@ class FAR(nn.Module):
         pos = torch.arange(step, step + 1, device=x.device)
         rope = self.rope[step:step + 1]
         for layer in self.ar_head:
-            x = layer(x, rope, pos, None, step + 1)
+            x = layer(x, rope, pos, None, step + 1, kernel)
         return self.output(step)(self.norm(x[:, -1])).float()

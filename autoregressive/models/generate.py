@@ -40,7 +40,7 @@ import torch
 import torch._dynamo
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .far import FAR
+from .far import ATTENTION_KERNELS, FAR
 
 PerFactor = Union[float, int, Sequence[float], Sequence[int]]
 
@@ -120,13 +120,15 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p
 # ------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SamplingPlan:
-    """The per-factor sampling constants of one generation. They are Python constants in compiled graphs
-    (a different plan compiles once more), so hashable and frozen."""
+    """The constants of one generation's position steps: per-factor sampling, and how a decoding query
+    attends (``attention``: "sdpa" or "reductions", see ``far.single_query_attention``). They are Python
+    constants in compiled graphs (a different plan compiles once more), so hashable and frozen."""
     scales: tuple[float, ...]       # guidance scale per factor (1.0: that factor's conditional logits)
     temperature: tuple[float, ...]
     top_k: tuple[int, ...]
     top_p: tuple[float, ...]
     doubled: bool                   # rows are [conditional; unconditional]
+    attention: str = "sdpa"
 
     def unguided(self) -> "SamplingPlan":
         return dataclasses.replace(self, scales=(1.0,) * len(self.scales))
@@ -141,7 +143,7 @@ def decode_position(model: FAR, h: torch.Tensor, plan: SamplingPlan, keys: torch
     codes = []
     x = h
     for j in range(Fn):
-        logits = model.head_step(x, j)
+        logits = model.head_step(x, j, plan.attention)
         if plan.doubled:
             cond, uncond = logits.chunk(2)
             s = plan.scales[j]
@@ -159,7 +161,7 @@ def first_position(model: FAR, cond: torch.Tensor, keys: torch.Tensor, plan: Sam
     """Prefill the class token(s) (attending to themselves only) and sample grid position 0; (B, F)."""
     C = model.config.cls_token_num
     pos = torch.arange(C, device=cond.device)
-    h = model.trunk_step(model.cls_embedding(cond)[:, None], pos, C)[:, -1:]
+    h = model.trunk_step(model.cls_embedding(cond)[:, None], pos, C, plan.attention)[:, -1:]
     return decode_position(model, h, plan, keys, pos[:1] * 0)
 
 
@@ -172,7 +174,7 @@ def next_position(model: FAR, prev: torch.Tensor, visible: torch.Tensor, keys: t
     graph serves every position, and ``visible[-1:]`` is the position as data (no recompilation)."""
     C = model.config.cls_token_num
     input_pos = visible[-1:]
-    h = model.trunk_step(model.embed_position(prev), input_pos, visible.shape[0])
+    h = model.trunk_step(model.embed_position(prev), input_pos, visible.shape[0], plan.attention)
     return decode_position(model, h, plan, keys, input_pos - (C - 1))
 
 
@@ -232,7 +234,8 @@ class CudaGraphGeneration:
       no host sync and no generator state inside;
     * every position runs once before any capture (one extra generation): compilation, autotuning and
       library initialisation (cuBLAS workspaces, kernels for each attention length) never happen inside a
-      capture, whatever a PyTorch version decides to specialise.
+      capture, whatever a PyTorch version decides to specialise. The last position runs first, so the one
+      compilation sees (and autotunes for) the longest attention.
     """
 
     @torch.no_grad()
@@ -252,7 +255,9 @@ class CudaGraphGeneration:
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(stream), _recompile_limit(64), _decode_attention():
-            for t in range(T):  # warm-up
+            # Warm-up, longest attention first: the step compiles (and inductor autotunes its kernels) at the
+            # length where it costs most rather than at 2 entries; the outputs of this pass are discarded
+            for t in ([T - 1] if T > 2 else []) + list(range(T)):
                 self._position(model, t)
             torch.cuda.synchronize(dev)
             gc.collect()  # nothing collected mid-capture (torch.cuda.graph does the same, once per graph)
@@ -311,7 +316,7 @@ def generate(model: FAR, labels: Union[torch.Tensor, Sequence[int]], num_positio
              cfg_scale: PerFactor = 1.0, cfg_interval: float = -1, temperature: PerFactor = 1.0,
              top_k: PerFactor = 0, top_p: PerFactor = 1.0, generator: Optional[torch.Generator] = None,
              seed: Union[int, torch.Tensor, None] = None, row_ids: Union[torch.Tensor, Sequence[int], None] = None,
-             compile: bool = False, cuda_graphs: Optional[bool] = None) -> torch.Tensor:
+             compile: bool = False, cuda_graphs: Optional[bool] = None, attention: str = "sdpa") -> torch.Tensor:
     """Sample codes for class ``labels`` (B,); returns (B, num_positions, F) int64, factor order as in training.
 
     cfg_scale, temperature, top_k, top_p: one value for all factors or a sequence of F values.
@@ -325,6 +330,8 @@ def generate(model: FAR, labels: Union[torch.Tensor, Sequence[int]], num_positio
     compile: torch.compile the position step (inductor; one compilation for all positions).
     cuda_graphs: capture every position as a CUDA graph (default: on with ``compile`` on a CUDA device; also
     usable without ``compile``). Graphs are captured on the first call for a shape and reused afterwards.
+    attention: "sdpa" (default) or "reductions": how each position's single query attends to the caches
+    (``far.single_query_attention``; for compiled decoding, where it avoids the fused kernels' query tiles).
     The model runs in eval mode; its previous mode is restored afterwards.
     """
     cfg = model.config
@@ -336,6 +343,8 @@ def generate(model: FAR, labels: Union[torch.Tensor, Sequence[int]], num_positio
     temps = per_factor(temperature, Fn, "temperature")
     ks = per_factor(top_k, Fn, "top_k", int)
     ps = per_factor(top_p, Fn, "top_p")
+    if attention not in ATTENTION_KERNELS:
+        raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {attention!r}")
     if any(t < 0 for t in temps):
         raise ValueError(f"temperature must be >= 0, got {temps}")
     doubled = any(s != 1.0 for s in scales)
@@ -360,7 +369,7 @@ def generate(model: FAR, labels: Union[torch.Tensor, Sequence[int]], num_positio
     if rows.shape != (B,) or rows.dtype.is_floating_point:
         raise ValueError(f"row_ids must be {B} integers (one per label), got {rows.dtype} {tuple(rows.shape)}")
     keys = row_keys(seed, rows.long())
-    plan = SamplingPlan(scales, temps, ks, ps, doubled)
+    plan = SamplingPlan(scales, temps, ks, ps, doubled, attention)
     plans = tuple(plan if cfg_interval < 0 or t <= cfg_interval + 1 else plan.unguided() for t in range(T))
     cond = torch.cat([labels, torch.full_like(labels, cfg.num_classes)]) if doubled else labels
     was_training = model.training
