@@ -61,7 +61,10 @@ def test_compiled_bf16_tokenizer_steps_match_eager(data, tmp_path):
     compiled = _tokenizer_run(data, tmp_path, "bf16", True)
     for step, (f, e, c) in enumerate(zip(fp32, eager, compiled), 1):
         assert all(np.isfinite(v) for v in c.values()), (step, c)
-        assert _distance(c, f) <= 2 * _distance(e, f) + 0.02, (step, _distance(c, f), _distance(e, f), c, e, f)
+        # from step 2 on, the weights differ too: float32 reassociation alone, through Adam's first updates and
+        # the GAN terms, moved a CPU inductor run (float32 throughout) 5% from eager by step 3
+        floor = 0.02 if step == 1 else 0.08
+        assert _distance(c, f) <= 2 * _distance(e, f) + floor, (step, _distance(c, f), _distance(e, f), c, e, f)
     assert "disc_loss" in compiled[-1]
 
 

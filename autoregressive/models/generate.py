@@ -14,7 +14,9 @@ allocated once (and kept for the next generation if the shape matches); the fact
 steps and is overwritten at every position, because step j writes slot j before any query reads it.
 
 Attention at position t reads exactly the C + t filled cache entries, without a mask: its cost follows the
-filled part of the cache, and SDPA can use its fastest kernels (flash attention on a GPU).
+filled part of the cache, and SDPA can use its fastest kernels (flash attention on a GPU). With
+``attention="reductions"`` the single query attends through two plain reductions instead
+(``far.single_query_attention``), which compiled read the cache once without the fused kernels' query tiles.
 
 Random numbers are counter-based: the uniform of (image row, position, factor, vocabulary entry) is a hash of
 those integers and the seed, computed with integer tensor ops (``uniform_noise``). So sampling has no
