@@ -1,0 +1,44 @@
+"""The benchmarks the GPU suite runs start, parse their flags and print their JSON on a CPU, at toy sizes.
+GPU time is scarce (a lent machine for minutes): a benchmark that dies on a renamed flag or key there costs a
+whole run, so each is run here the way benchmarks/gpu_suite.sh runs it, only smaller."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(script: str, *args) -> list[dict]:
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *map(str, args)], capture_output=True,
+                       text=True, cwd=ROOT, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "reductions"])
+def test_generate_benchmark_with_profile(attention):
+    timing, profile = bench("generate.py", "--gpt-model", "FAR-T", "--device", "cpu", "--batch-size", 2,
+                            "--num-positions", 6, "--loader-items", 0, "--attention", attention, "--profile")
+    assert timing["benchmark"] == "generate" and timing["attention"] == attention and timing["ms_per_position"] > 0
+    assert profile["benchmark"] == "generate_profile" and profile["attention"] == attention
+    assert profile["profile_top"] and profile["profile_device_ms_per_position"] > 0
+
+
+def test_sample_fid_benchmark():
+    (result,) = bench("sample_fid.py", "--gpt-model", "FAR-T", "--device", "cpu", "--batch-size", 2, "--num-images",
+                      2, "--image-size", 64, "--attention", "reductions")
+    assert result["attention"] == "reductions" and result["num_images"] == 2 and result["images_per_s"] > 0
+    assert {"gen_images_per_s", "decode_images_per_s", "minutes_for_50k"} <= set(result)
+
+
+def test_training_benchmarks():
+    (far,) = bench("train_far.py", "--device", "cpu", "--gpt-model", "FAR-T", "--batch-size", 2, "--iters", 1)
+    assert far["benchmark"] == "train_far" and far["seconds_per_step"] > 0
+    tok = bench("train_tokenizer.py", "--device", "cpu", "--batch-size", 1, "--image-size", 32, "--iters", 1)
+    assert [r["step"] for r in tok] == ["model", "full"] and all(r["seconds_per_step"] > 0 for r in tok)
