@@ -28,6 +28,7 @@ import pickle
 import re
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Mapping, Optional, TypeVar
@@ -310,6 +311,18 @@ def stored_config(cls: type[C], ckpt: Any, path: str | os.PathLike, what: str, *
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: its stored config does not describe a model that can be built ({e})") \
             from None
+
+
+@contextmanager
+def noting_stored_config(config_stored: bool):
+    """Loading weights into a model built from the config stored in the file: a mismatch then means the file
+    contradicts itself, so the error says where the config came from (one wording for every model)."""
+    try:
+        yield
+    except CheckpointError as e:
+        if not config_stored:
+            raise
+        raise CheckpointError(f"{e} (the model was built from the config stored in the file)") from None
 
 
 @dataclass(frozen=True)

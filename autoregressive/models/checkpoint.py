@@ -21,7 +21,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from utils.checkpoint import (MODEL_FIRST, CheckpointError, LoadedFrom, check_state_dict, extract_weights, load_file,
-                              write_checkpoint, stored_config)
+                              noting_stored_config, stored_config, write_checkpoint)
 from utils.factors import preset_name
 
 from .far import FAR, FAR_models, FARConfig, find_multiple, rope_table
@@ -125,12 +125,8 @@ def far_from_checkpoint(ckpt: Any, path: str | os.PathLike = "<checkpoint>", exp
         raise CheckpointError(f"{path}: holds {describe_far(cfg)}, but {expect_factors} factors were expected")
     with torch.device("meta"):  # no time spent initialising weights that are about to be overwritten
         model = FAR(cfg)
-    try:
+    with noting_stored_config(from_file):
         load_far_weights(model, sd, path)
-    except CheckpointError as e:
-        if from_file:
-            raise CheckpointError(f"{e} (the model was built from the config stored in the file)") from None
-        raise
     if dtype is not None:
         model = model.to(dtype)
     model.loaded_from = LoadedFrom(str(path), key, from_file)

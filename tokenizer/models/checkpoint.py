@@ -27,7 +27,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from utils.checkpoint import (EMA_FIRST, CheckpointError, LoadedFrom, check_state_dict, extract_weights, load_file,
-                              stored_config, write_checkpoint)
+                              noting_stored_config, stored_config, write_checkpoint)
 from utils.factors import PRESET_FACTORS, preset_of, preset_name
 
 from .fqgan import FactorConfig, FactorizedTokenizer, TokenizerConfig, preset_factors
@@ -204,12 +204,8 @@ def tokenizer_from_checkpoint(ckpt: Any, path: str | os.PathLike = "<checkpoint>
         raise CheckpointError(f"{path}: holds {describe_tokenizer(cfg)}, but {expect_factors} factors were "
                               f"expected (use the {preset_name(cfg.num_factors)} entry point)")
     model = FactorizedTokenizer(cfg)
-    try:
+    with noting_stored_config(from_file):
         load_tokenizer_weights(model, sd, path)
-    except CheckpointError as e:
-        if from_file:
-            raise CheckpointError(f"{e} (the model was built from the config stored in the file)") from None
-        raise
     model.loaded_from = LoadedFrom(str(path), key, from_file)
     return model.eval()
 
