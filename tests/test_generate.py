@@ -64,6 +64,40 @@ def test_compiled_generation_equals_eager(factors, kw, sampling, attention):
     assert torch.equal(again, generate(model, [1, 2, 3], seed=12, **sampling))
 
 
+NESTED_REGIONS = pytest.mark.skipif(not hasattr(torch.compiler, "nested_compile_region"), reason="PyTorch < 2.8")
+
+
+@NESTED_REGIONS
+def test_compiled_step_lowers_one_block_for_all_layers():
+    """The layers of the trunk share one lowered block (``TransformerBlock.cached_step`` is a nested compile
+    region), as do the factor head's layers at each of its F steps: the qkv projection is lowered 1 + F times,
+    not n_layer + F * ar_n_layer times. The layers' drop-path rates differ, as in a trained model: in eval mode
+    they must not tell the blocks apart."""
+    model = tiny_model(2, n_layer=4, ar_n_layer=2, drop_path_rate=0.1).float()
+    assert len({layer.drop_path_p for layer in model.layers}) == 4
+    counters.clear()
+    # caches off: a cached graph would skip lowering, which is what is counted here
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        compiled = generate(model, [1, 2], seed=0, cfg_scale=2.0, compile=True)
+    assert torch.equal(compiled, generate(model, [1, 2], seed=0, cfg_scale=2.0))
+    qkv = model.layers[0].attention.wqkv.weight.shape[0]
+    lowered = {key: n for key, n in counters["aten_mm_info"].items() if key.split("_")[2] == str(qkv)}
+    assert sum(lowered.values()) == 1 + model.config.num_factors, lowered
+
+
+@NESTED_REGIONS
+def test_nine_factor_head_steps_trace_in_one_graph():
+    """Each factor-head step is its own region entry (its attention length differs); nine of them exceed
+    PyTorch's default cap of 8 entries, which is an error unless the region raises it."""
+    model = tiny_model(9, ar_n_layer=1).float()
+    model.setup_caches(2)
+    x = torch.randn(2, 1, model.config.dim)
+    heads = torch.compile(lambda m, h: [m.head_step(h, j) for j in range(9)], backend="eager", fullgraph=True)
+    for got, want in zip(heads(model, x), [model.head_step(x, j) for j in range(9)]):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "reductions"])
 def test_prefix_attention_reads_only_the_filled_cache(attention):
     """Eager decoding slices the cache to the filled length: stale entries beyond it cannot leak in."""

@@ -26,7 +26,8 @@ batch it was generated in or on the number of processes.
 
 ``compile=True`` compiles ``next_position`` (trunk step + every factor-head step + guidance + sampling) into ONE
 graph with torch.compile (``fullgraph=True``: a graph break is an error). Its only varying shape is the
-number of visible cache entries, marked dynamic, so one compilation serves every position. On CUDA each
+number of visible cache entries, marked dynamic, so one compilation serves every position; inside it, every
+layer shares one compiled block (``TransformerBlock.cached_step``, a nested compile region). On CUDA each
 position is then captured as a CUDA graph (``CudaGraphGeneration``); the rules CUDA graphs impose are kept
 there, explicitly: static buffers for everything that crosses a replay, nothing kept from the graph pool.
 """
