@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tokenizer.losses import (FQGANLoss, LossConfig, adaptive_gan_weight, adopt_weight, build_discriminator,
-                              hinge_d_loss, hinge_gen_loss, info_nce, non_saturating_d_loss, non_saturating_gen_loss,
-                              vanilla_d_loss)
+from tokenizer.losses import (FQGANLoss, LossConfig, RealAndFake, adaptive_gan_weight, adopt_weight,
+                              build_discriminator, hinge_d_loss, hinge_gen_loss, info_nce, non_saturating_d_loss,
+                              non_saturating_gen_loss, vanilla_d_loss)
 from tokenizer.losses import vq_loss as vq_loss_module
 from tokenizer.models import FactorConfig, FactorizedTokenizer, FactorOutput, TokenizerConfig, TokenizerOutput
 
@@ -218,9 +218,9 @@ def test_discriminator_step():
     recon = (images + 0.1 * torch.randn_like(images)).requires_grad_(True)
     loss = FQGANLoss(LossConfig(perceptual_weight=0, disc_start=10))
     d = build_discriminator()
-    before = loss.discriminator_step(d, images, recon, step=9)
+    before = loss.discriminator_step(RealAndFake(d), images, recon, step=9)
     assert not before.active and before.loss.item() == 0.0
-    after = loss.discriminator_step(d, images, recon, step=10)
+    after = loss.discriminator_step(RealAndFake(d), images, recon, step=10)
     assert after.active
     real, fake = d(images), d(recon.detach())  # train-mode BatchNorm: same batch, same output
     assert after.disc_adv_loss.item() == pytest.approx(hinge_d_loss(real, fake).item(), rel=1e-5)
@@ -278,7 +278,7 @@ def test_combined_loss_with_tiny_tokenizer(num_factors):
     assert model.decoder.last_layer.grad is not None
     for i in model.config.head_factors:
         assert model.heads[str(i)].class_embedding.grad is not None
-    d = loss.discriminator_step(disc, images, out, step=5)
+    d = loss.discriminator_step(RealAndFake(disc), images, out, step=5)
     assert d.active and math.isfinite(d.logs()["disc_loss"])
 
 

@@ -67,6 +67,22 @@ def test_two_process_training_and_exact_resume(data, tiny_clip, tmp_path):
             assert a[k] == b[k], (k, a[k], b[k])
 
 
+def test_discriminator_step_runs_its_ddp_module_once_per_micro_batch(data, tmp_path):
+    """DDP broadcasts buffers (BatchNorm's running statistics) in place at every forward. Two forwards before a
+    backward, real then fake, make PyTorch < 2.14 fail at the backward (seen with 2.11 under torchrun), so the
+    step runs both batches in one call of its module (``RealAndFake``), once per micro-batch."""
+    from tokenizer import train as tokenizer_train
+
+    args = tokenizer_train.get_parser("dual").parse_args(
+        ["--data-path", str(data), *TINY, "--global-batch-size", "4", "--gradient-accumulation-steps", "2",
+         "--disc-start", "1", "--exp-name", "d", "--results-dir", str(tmp_path), "--no-local-save"])
+    t = tokenizer_train.build(args, "dual")
+    calls = []
+    t.train_disc.register_forward_pre_hook(lambda module, inputs: calls.append(len(inputs)))
+    logs, _, _ = tokenizer_train.train_step(t, torch.rand(4, 3, 32, 32) * 2 - 1, step=1)
+    assert calls == [2, 2] and float(logs["disc_factor"]) == 1.0
+
+
 def test_resume_mid_epoch_single_process(data, tmp_path):
     common = [sys.executable, str(ROOT / "tokenizer/vq_train_triple.py"), "--data-path", str(data), *TINY,
               "--global-batch-size", "2", "--disc-start", "2", "--ckpt-every", "3", "--max-steps", "5",

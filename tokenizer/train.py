@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tokenizer.losses import FQGANLoss, LossConfig, build_discriminator
+from tokenizer.losses import FQGANLoss, LossConfig, RealAndFake, build_discriminator
 from tokenizer.models import (FactorizedTokenizer, TokenizerConfig, describe_tokenizer, infer_tokenizer_config,
                               load_tokenizer_weights, preset_factors, tokenizer_checkpoint, tokenizer_config)
 from tokenizer.teachers import (TeacherUnavailableError, Teachers, add_teacher_arguments, load_teachers,
@@ -179,7 +179,7 @@ class Trainer:
     loss_fn: FQGANLoss
     disc: nn.Module  # the discriminator (saved, and stepped by its optimizer)
     run_disc: nn.Module  # ``disc`` as the generator step runs it (compiled or not), with its parameters frozen
-    train_disc: nn.Module  # ``run_disc`` DDP-wrapped: run by the discriminator step, the only one that trains it
+    train_disc: nn.Module  # RealAndFake(``run_disc``), DDP-wrapped: the discriminator step, the only one training it
     optimizer: torch.optim.Optimizer
     optimizer_disc: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -290,13 +290,13 @@ def build(args, preset: str) -> Trainer:
         train_model, run_disc = torch.compile(model), torch.compile(disc)
         if loss_fn.perceptual is not None:
             loss_fn.perceptual = torch.compile(loss_fn.perceptual)
-    train_disc = run_disc
+    train_disc = RealAndFake(run_disc)
     if is_distributed():
         ids = [device.index] if device.type == "cuda" else None
         # Heads without semantic loss would leave parameters without gradients.
         unused = bool(config.head_factors) and not cfg.semantic_weight
         train_model = DDP(train_model, device_ids=ids, find_unused_parameters=unused)
-        train_disc = DDP(run_disc, device_ids=ids)
+        train_disc = DDP(train_disc, device_ids=ids)
     model.train()
     loss_fn.train()
     return Trainer(args, run, config, model, train_model, ema, teachers, loss_fn, disc, run_disc, train_disc,

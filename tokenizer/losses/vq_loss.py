@@ -244,18 +244,18 @@ class FQGANLoss(nn.Module):
         return pairs
 
     # ------------------------------------------------------------------ discriminator
-    def discriminator_step(self, discriminator: nn.Module, images: torch.Tensor,
+    def discriminator_step(self, real_and_fake: nn.Module, images: torch.Tensor,
                            recon: Union[torch.Tensor, TokenizerOutput], step: int) -> DiscriminatorLoss:
         """Discriminator loss on real images vs (detached) reconstructions.
 
-        Real and fake batches go through the discriminator separately, as in the original: with PatchGAN's
-        BatchNorm the two batches are normalised with their own statistics, which a single concatenated
-        pass would change. The training loop passes its DistributedDataParallel wrapper here, the only step
-        that trains it (the generator step runs the bare module with frozen parameters)."""
+        ``real_and_fake``: the discriminator as a ``RealAndFake``, which runs the real and the fake batch
+        separately, as in the original: with PatchGAN's BatchNorm the two batches are normalised with their own
+        statistics, which a single concatenated pass would change. The training loop passes it DDP-wrapped:
+        this is the only step that trains the discriminator (the generator step runs the bare module with
+        frozen parameters)."""
         if isinstance(recon, TokenizerOutput):
             recon = recon.recon
-        logits_real = discriminator(images.detach())
-        logits_fake = discriminator(recon.detach())
+        logits_real, logits_fake = real_and_fake(images.detach(), recon.detach())
         disc_factor = self.disc_factor(step)
         disc_weight = self.config.disc_weight * disc_factor
         adv = self.disc_loss(logits_real, logits_fake)
