@@ -29,16 +29,16 @@ from tokenizer.models import (FactorizedTokenizer, TokenizerConfig, describe_tok
                               load_tokenizer_weights, preset_factors, tokenizer_checkpoint, tokenizer_config)
 from tokenizer.teachers import (TeacherUnavailableError, Teachers, add_teacher_arguments, load_teachers,
                                 teacher_overrides_from_args)
-from utils.checkpoint import SAVE_FORMATS, add_unsafe_load_argument, extract_weights, load_file
+from utils.checkpoint import extract_weights, load_file
 from utils.data import ImageFolderSafe, ResumableSampler, collate_train, train_transform
-from utils.distributed import cleanup, is_distributed
+from utils.distributed import is_distributed
 from utils.ema import requires_grad, update_ema
 from utils.images import save_grid
 from utils.logging import MetricWriter
 from utils.progress import MetricAverager, Throughput, report
 from utils.rng import seed_everything
-from utils.run import (Position, Run, StopSignal, epoch_batches, fail, find_resume, restore_position,
-                       resume_command, save_run_checkpoint, start_run)
+from utils.run import (Checkpoints, Position, Run, StopSignal, add_run_arguments, epoch_batches, fail, find_resume,
+                       finish_run, restore_position, save_run_checkpoint, start_run)
 from utils.steps import (NonFiniteGuard, accumulation, autocast_context, frozen, fused_kwargs, grad_scaler,
                          optimizer_step)
 
@@ -117,16 +117,7 @@ def get_parser(preset: str) -> argparse.ArgumentParser:
     p.add_argument("--image-every", type=int, default=0, help="PNG grid of inputs/reconstructions every N steps "
                                                               "(default 5 x --log-every)")
     p.add_argument("--ema-decay", type=float, default=0.9999)
-    p.add_argument("--auto-resume", action="store_true", help="resume from the newest checkpoint of this run")
-    p.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (if installed)")
-    p.add_argument("--max-nonfinite-steps", type=int, default=100,
-                   help="stop after this many optimizer steps in a row skipped for a NaN/inf loss or gradient "
-                        "(0: never)")
-    p.add_argument("--save-format", choices=SAVE_FORMATS, default="pt",
-                   help="safetensors: beside each NNNNNNN.pt also write NNNNNNN.safetensors (the 'model' weights "
-                        "and the config only; resuming needs the .pt)")
-    add_unsafe_load_argument(p)
+    add_run_arguments(p)
     return p
 
 
@@ -380,7 +371,7 @@ def main(argv=None, preset: str = "dual") -> Optional[Path]:
     guard, stop = NonFiniteGuard(device, args.max_nonfinite_steps), StopSignal()
 
     log.info(f"Training for {args.epochs} epochs ({t.total_steps - t.start.step} steps to go)...")
-    pos, saved, last_saved, error = t.start, t.start.step, None, None
+    pos, error, checkpoints = t.start, None, Checkpoints(t.save, args.ckpt_every, t.start)
     batches = epoch_batches(t.start, args.epochs, t.dataset, t.sampler, run.micro_batch * run.accum,
                             args.num_workers, collate_train, device, args.global_seed)
     for epoch, done, (images, _, n_bad) in batches:
@@ -410,20 +401,10 @@ def main(argv=None, preset: str = "dual") -> Optional[Path]:
                              run.exp_dir / "images" / f"{pos.step:07d}.png", nrow=len(shown))
             writer.image("train/inputs_and_reconstructions", grid, pos.step)
         stopping = stop.requested()
-        if pos.step % args.ckpt_every == 0 or stopping:
-            last_saved, saved = t.save(pos), pos.step
+        checkpoints.after_step(pos, stopping)
         if stopping:
-            log.info(f"Stopped by {stop.received or 'a signal to another rank'} after step {pos.step}; resume with: "
-                     f"{resume_command()}")
+            stop.announce(log, pos.step)
             break
-    if error is not None:
-        fail(error)
-    if saved != pos.step:
-        last_saved = t.save(pos)
-    writer.close()
-    stop.close()
-    log.info("Done!")
-    cleanup()
-    return last_saved
+    return finish_run(pos, error, checkpoints, (writer, stop), log)
 
 

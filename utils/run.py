@@ -3,6 +3,7 @@ position in the data (what a checkpoint resumes from), checkpoints written colle
 preemption signal."""
 from __future__ import annotations
 
+import argparse
 import logging
 import re
 import shlex
@@ -10,14 +11,14 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, NoReturn, Optional
+from typing import Any, Callable, Iterator, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
 
-from utils.checkpoint import atomic_save, write_checkpoint
+from utils.checkpoint import SAVE_FORMATS, add_unsafe_load_argument, atomic_save, write_checkpoint
 from utils.data import epoch_loader
-from utils.distributed import DistInfo, barrier, get_world_size, init_distributed, is_distributed
+from utils.distributed import DistInfo, barrier, cleanup, get_world_size, init_distributed, is_distributed
 from utils.logging import create_logger
 from utils.rng import gather_rng_states, restore_rng_state, seed_everything
 
@@ -27,6 +28,21 @@ CKPT_RE = re.compile(r"^(?P<step>\d+)\.pt$")
 def fail(msg: object) -> NoReturn:
     """Stop the run with a one-line error (no traceback): bad flags, missing files, checkpoints that don't fit."""
     sys.exit(f"error: {msg}")
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of a run that both training loops share: resuming, device, logging, the non-finite guard, the
+    checkpoint format and unsafe loading (the original's own flags stay with each loop)."""
+    p.add_argument("--auto-resume", action="store_true", help="resume from the newest checkpoint of this run")
+    p.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (if installed)")
+    p.add_argument("--max-nonfinite-steps", type=int, default=100,
+                   help="stop after this many optimizer steps in a row skipped for a NaN/inf loss or gradient "
+                        "(0: never)")
+    p.add_argument("--save-format", choices=SAVE_FORMATS, default="pt",
+                   help="safetensors: beside each NNNNNNN.pt also write NNNNNNN.safetensors (the 'model' weights "
+                        "and the config only; resuming needs the .pt)")
+    add_unsafe_load_argument(p)
 
 
 def experiment_dir(results_dir: str, model_name: str, exp_name: str) -> Path:
@@ -145,6 +161,40 @@ def save_run_checkpoint(run: Run, pos: Position, payload: Optional[dict[str, Any
     return path
 
 
+class Checkpoints:
+    """When a training loop writes checkpoints: every ``every`` steps, after the step at which it was asked to
+    stop, and once at the end unless that step was just written. ``save(pos)`` is collective (every rank calls
+    it at the same step) and returns the path on rank 0, the latest of which ``finish_run`` returns."""
+
+    def __init__(self, save: Callable[[Position], Optional[Path]], every: int, start: Position):
+        self.save, self.every = save, every
+        self.saved_step, self.latest = start.step, None
+
+    def after_step(self, pos: Position, stopping: bool) -> None:
+        if pos.step % self.every == 0 or stopping:
+            self.latest, self.saved_step = self.save(pos), pos.step
+
+    def last(self, pos: Position) -> Optional[Path]:
+        if self.saved_step != pos.step:
+            self.latest, self.saved_step = self.save(pos), pos.step
+        return self.latest
+
+
+def finish_run(pos: Position, error: Optional[str], checkpoints: Checkpoints, closing: tuple,
+               log: logging.Logger) -> Optional[Path]:
+    """The end of a training loop: a non-finite-loss ``error`` stops the run without saving; otherwise the final
+    checkpoint (if the last step has none yet), then ``closing`` (the writer, the stop signal) and the process
+    group are closed. Returns the latest checkpoint's path (rank 0)."""
+    if error is not None:
+        fail(error)
+    path = checkpoints.last(pos)
+    for thing in closing:
+        thing.close()
+    log.info("Done!")
+    cleanup()
+    return path
+
+
 # ---------------------------------------------------------------------------------------------- preemption
 class StopSignal:
     """SIGTERM (what SLURM and cloud schedulers send before a kill; torchrun forwards it) and SIGUSR1 ask the run
@@ -168,6 +218,10 @@ class StopSignal:
         if self.group is not None:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item())
+
+    def announce(self, log: logging.Logger, step: int) -> None:
+        log.info(f"Stopped by {self.received or 'a signal to another rank'} after step {step}; resume with: "
+                 f"{resume_command()}")
 
     def close(self) -> None:
         for s, handler in self.previous.items():

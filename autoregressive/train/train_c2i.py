@@ -23,16 +23,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from autoregressive.data.code_store import CodeDataset, collate_codes
 from autoregressive.models import FAR, FAR_models, describe_far, far_checkpoint, far_config, load_far_weights
 from autoregressive.models.far import FARConfig, TransformerBlock
-from utils.checkpoint import SAVE_FORMATS, add_unsafe_load_argument, extract_weights, load_file
+from utils.checkpoint import extract_weights, load_file
 from utils.data import ResumableSampler
-from utils.distributed import cleanup, is_distributed
+from utils.distributed import is_distributed
 from utils.ema import requires_grad, update_ema
 from utils.factors import preset_name
 from utils.logging import MetricWriter
 from utils.progress import MetricAverager, Throughput, report
 from utils.rng import seed_everything
-from utils.run import (Position, Run, StopSignal, epoch_batches, fail, find_resume, restore_position,
-                       resume_command, save_run_checkpoint, start_run)
+from utils.run import (Checkpoints, Position, Run, StopSignal, add_run_arguments, epoch_batches, fail, find_resume,
+                       finish_run, restore_position, save_run_checkpoint, start_run)
 from utils.steps import (NonFiniteGuard, accumulation, autocast_context, fused_kwargs, grad_scaler,
                          optimizer_step)
 
@@ -77,16 +77,7 @@ def get_parser(num_factors: int) -> argparse.ArgumentParser:
     p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state (FSDP)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: all epochs)")
     p.add_argument("--ema-decay", type=float, default=0.9999)
-    p.add_argument("--auto-resume", action="store_true", help="resume from the newest checkpoint of this run")
-    p.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--wandb", action="store_true")
-    p.add_argument("--max-nonfinite-steps", type=int, default=100,
-                   help="stop after this many optimizer steps in a row skipped for a NaN/inf loss or gradient "
-                        "(0: never)")
-    p.add_argument("--save-format", choices=SAVE_FORMATS, default="pt",
-                   help="safetensors: beside each NNNNNNN.pt also write NNNNNNN.safetensors (the 'model' weights "
-                        "and the config only; resuming needs the .pt)")
-    add_unsafe_load_argument(p)
+    add_run_arguments(p)
     return p
 
 
@@ -262,7 +253,7 @@ def main(argv=None, num_factors: int = 2) -> Optional[Path]:
     guard, stop = NonFiniteGuard(device, args.max_nonfinite_steps), StopSignal()
 
     log.info(f"Training for {args.epochs} epochs ({t.total_steps - t.start.step} steps to go)...")
-    pos, saved, last_saved, error = t.start, t.start.step, None, None
+    pos, error, checkpoints = t.start, None, Checkpoints(t.save, args.ckpt_every, t.start)
     batches = epoch_batches(t.start, args.epochs, t.dataset, t.sampler, run.micro_batch * run.accum,
                             args.num_workers, collate_codes, device, args.global_seed)
     for epoch, done, (codes, labels) in batches:
@@ -286,18 +277,8 @@ def main(argv=None, num_factors: int = 2) -> Optional[Path]:
                 error = check.error
                 break
         stopping = stop.requested()
-        if pos.step % args.ckpt_every == 0 or stopping:
-            last_saved, saved = t.save(pos), pos.step
+        checkpoints.after_step(pos, stopping)
         if stopping:
-            log.info(f"Stopped by {stop.received or 'a signal to another rank'} after step {pos.step}; resume with: "
-                     f"{resume_command()}")
+            stop.announce(log, pos.step)
             break
-    if error is not None:
-        fail(error)
-    if saved != pos.step:
-        last_saved = t.save(pos)
-    writer.close()
-    stop.close()
-    log.info("Done!")
-    cleanup()
-    return last_saved
+    return finish_run(pos, error, checkpoints, (writer, stop), log)
