@@ -6,9 +6,9 @@ OpenAI's ADM evaluator (guided-diffusion ``evaluations/evaluator.py``), the numb
 Both files are ``.npz`` with ``arr_0`` an N x H x W x 3 uint8 image batch. Statistics ``mu``/``sigma``/``mu_s``/
 ``sigma_s`` stored in either file are used instead of computing them (ADM reference batches carry them); the
 images are still needed for precision/recall. The five numbers are printed and written beside the sample batch
-(``X.npz`` -> ``X.txt``), as the FQGAN evaluator does. The reference batch's statistics are cached after its first
-use (``scoring.reference_statistics``, keyed by the file's and the graph's content). Needs ``classify_image_graph_def.pb``, and runs it with
-``--backend tf`` (TensorFlow, as ADM) or ``--backend torch`` (the same graph file run by torch ops, on a GPU or the
+(``X.npz`` -> ``X.txt``), as the FQGAN evaluator does. The reference batch's statistics are cached after its
+first use (``scoring.reference_statistics``, keyed by the file's and the graph's content). Needs
+``classify_image_graph_def.pb``, and runs it with ``--backend tf`` (TensorFlow, as ADM) or ``--backend torch`` (the same graph file run by torch ops, on a GPU or the
 CPU, no TensorFlow needed; same numbers to float32 rounding). The default picks torch when a GPU is present or
 TensorFlow cannot be imported, else TensorFlow; the output says which ran.
 
