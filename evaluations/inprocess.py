@@ -21,6 +21,9 @@ from evaluations.npz_stream import MIN_IMAGES, EvaluatorInputError, validate_ima
 from evaluations.scoring import EvalResult, reference_statistics, score
 
 POOL, SPATIAL = "inception_pool", "inception_spatial"  # the per-row feature arrays among the npz parts
+# Inception images at once on a GPU beside the sampler: ~16 MB of float32 activations each at 299x299, so 128 take
+# ~2 GB, inside the headroom the sampler's automatic batch size leaves (the evaluator alone uses 500)
+GPU_BATCH = 128
 
 
 def add_fid_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,7 +33,8 @@ def add_fid_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inception-graph", type=str, default=None,
                    help="classify_image_graph_def.pb for --fid-ref (default: $INCEPTION_GRAPH, ./, ~/.cache/fqgan/)")
     p.add_argument("--fid-batch-size", type=int, default=None,
-                   help="images per Inception forward pass for --fid-ref (default: 500 on a GPU, 64 on a CPU)")
+                   help=f"images per Inception forward pass for --fid-ref (default: {GPU_BATCH} on a GPU, 64 on "
+                        "a CPU)")
 
 
 class InProcessFID:
@@ -51,6 +55,8 @@ class InProcessFID:
                                       f"image's 3 nearest neighbours), not {num_images}")
         self.graph = find_inception_graph(graph_path)
         self.graph_sha = file_sha256(self.graph)
+        if batch_size is None and device.type == "cuda":
+            batch_size = GPU_BATCH
         self.net = TorchInception(self.graph, TorchBackendConfig(device=str(device), batch_size=batch_size))
         pool, spatial = self(torch.zeros(1, image_size, image_size, 3, dtype=torch.uint8, device=device))
         self.dims = pool.shape[1], spatial.shape[1]

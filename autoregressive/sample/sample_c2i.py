@@ -171,6 +171,13 @@ def main(argv=None, num_factors: int = 2):
     decode_dtype = decode_dtype if cuda else torch.float32
     decode_batch = args.decode_batch_size or (128 if cuda else 8)
     mine = rank_shard(n, info.rank, info.world_size)
+    fid = None
+    if args.fid_ref:  # before any sampling (a wrong reference fails now, not after hours) and the batch size
+        try:
+            fid = InProcessFID(args.fid_ref, args.inception_graph, device, size, n, args.fid_batch_size)
+        except EvaluatorInputError as e:
+            sys.exit(f"error: {e}")
+        log(f"--fid-ref: {fid.describe()}")
     batch = args.per_proc_batch_size
     if batch is None:
         choice = auto_batch_size(far.config, any(s != 1.0 for scales in sweep for s in scales), dtype, device,
@@ -179,13 +186,6 @@ def main(argv=None, num_factors: int = 2):
         log(f"--per-proc-batch-size {batch} ({choice.reason})")
     if batch < 1 or decode_batch < 1:
         sys.exit("error: --per-proc-batch-size and --decode-batch-size must be >= 1")
-    fid = None
-    if args.fid_ref:
-        try:  # before any sampling: a wrong reference fails now, not after hours
-            fid = InProcessFID(args.fid_ref, args.inception_graph, device, size, n, args.fid_batch_size)
-        except EvaluatorInputError as e:
-            sys.exit(f"error: {e}")
-        log(f"--fid-ref: {fid.describe()}")
     decode_batch = min(decode_batch, batch)  # a batch never needs more
     decoder = ImageDecoder(tokenizer, grid, size, decode_batch, decode_dtype,
                            channels_last=cuda if args.channels_last is None else args.channels_last,
