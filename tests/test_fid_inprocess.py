@@ -92,7 +92,7 @@ def test_one_process_equals_the_evaluator(fx, single, capsys):
     assert npz.with_suffix(".txt").read_text().splitlines()[1].startswith("FID: ")
 
 
-def test_two_processes_equal_the_evaluator_and_reuse_the_reference(fx, tmp_path):
+def test_two_processes_equal_the_evaluator_and_reuse_the_reference(fx, tmp_path, capsys):
     r = torchrun("autoregressive/sample/sample_c2i_ddp_dual_code.py", *sampler_args(fx, tmp_path, "--cfg-scale", 2.0),
                  cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -101,6 +101,7 @@ def test_two_processes_equal_the_evaluator_and_reuse_the_reference(fx, tmp_path)
     npz = tmp_path / f"{line['name']}.npz"
     # the evaluator reads the reference statistics the sampler cached (same file, same graph)
     want = evaluate(str(fx / "ref.npz"), str(npz), fx / GRAPH_FILENAME, backend="torch", device="cpu")
+    assert "using the cached reference statistics" in capsys.readouterr().out
     assert_same(line, want)
 
 
