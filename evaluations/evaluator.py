@@ -6,8 +6,9 @@ OpenAI's ADM evaluator (guided-diffusion ``evaluations/evaluator.py``), the numb
 Both files are ``.npz`` with ``arr_0`` an N x H x W x 3 uint8 image batch. Statistics ``mu``/``sigma``/``mu_s``/
 ``sigma_s`` stored in either file are used instead of computing them (ADM reference batches carry them); the
 images are still needed for precision/recall. The five numbers are printed and written beside the sample batch
-(``X.npz`` -> ``X.txt``), as the FQGAN evaluator does. Needs ``classify_image_graph_def.pb``, and runs it with
-``--backend tf`` (TensorFlow, as ADM) or ``--backend torch`` (the same graph file run by torch ops, on a GPU or the
+(``X.npz`` -> ``X.txt``), as the FQGAN evaluator does. The reference batch's statistics are cached after its
+first use (``scoring.reference_statistics``, keyed by the file's and the graph's content). Needs
+``classify_image_graph_def.pb``, and runs it with ``--backend tf`` (TensorFlow, as ADM) or ``--backend torch`` (the same graph file run by torch ops, on a GPU or the
 CPU, no TensorFlow needed; same numbers to float32 rounding). The default picks torch when a GPU is present or
 TensorFlow cannot be imported, else TensorFlow; the output says which ran.
 
@@ -21,7 +22,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 if __name__ == "__main__":
     # Run as a script, Python puts evaluations/ first on sys.path; take it off, so our module names (metrics,
@@ -32,22 +33,10 @@ if __name__ == "__main__":
 import numpy as np
 
 from evaluations import metrics
-from evaluations.inception import BACKENDS, choose_backend, find_inception_graph, open_backend
+from evaluations.inception import BACKENDS, choose_backend, file_sha256, find_inception_graph, open_backend
 from evaluations.npz_stream import (EvaluatorInputError, ImageArrayInfo, iter_batches, num_batches,
                                     read_precomputed_statistics, validate_images)
-
-
-class EvalResult(NamedTuple):
-    inception_score: float
-    fid: float
-    sfid: float
-    precision: float
-    recall: float
-
-    def lines(self) -> list[str]:
-        # ADM's labels and `print(label, value)` formatting, so existing log parsers keep working.
-        return [f"Inception Score: {self.inception_score}", f"FID: {self.fid}", f"sFID: {self.sfid}",
-                f"Precision: {self.precision}", f"Recall: {self.recall}"]
+from evaluations.scoring import EvalResult, reference_statistics, score
 
 
 def result_path(sample_path: str | os.PathLike) -> Path:
@@ -68,21 +57,6 @@ def check_inputs(ref_path: str, sample_path: str, allow_size_mismatch: bool = Fa
     return ref, sample
 
 
-def _statistics(path: str, stored: dict | None, pool: np.ndarray, spatial: np.ndarray
-                ) -> tuple[metrics.FIDStatistics, metrics.FIDStatistics]:
-    if stored is None:
-        return metrics.compute_statistics(pool), metrics.compute_statistics(spatial)
-    for key, dim in (("mu", pool.shape[1]), ("mu_s", spatial.shape[1])):
-        sigma = "sigma" + key[2:]
-        if stored[key].shape != (dim,) or stored[sigma].shape != (dim, dim):
-            raise EvaluatorInputError(
-                f"{path}: stored {key}/{sigma} have shapes {stored[key].shape}/{stored[sigma].shape}, "
-                f"but this Inception graph gives {dim}-d features")
-    print(f"using the statistics stored in {path}")
-    return (metrics.FIDStatistics(stored["mu"], stored["sigma"]),
-            metrics.FIDStatistics(stored["mu_s"], stored["sigma_s"]))
-
-
 def evaluate(ref_path: str, sample_path: str, graph_path: str | os.PathLike | None = None,
              batch_size: int | None = None, allow_size_mismatch: bool = False, backend: str = "auto",
              device: str | None = None) -> EvalResult:
@@ -90,31 +64,21 @@ def evaluate(ref_path: str, sample_path: str, graph_path: str | os.PathLike | No
     torch under auto), ``batch_size`` defaults to the backend's (64 on a CPU, 500 on a GPU)."""
     # Every check that can fail runs before TensorFlow/torch are imported (seconds) and before any features.
     ref_info, sample_info = check_inputs(ref_path, sample_path, allow_size_mismatch)
-    ref_stored, sample_stored = read_precomputed_statistics(ref_path), read_precomputed_statistics(sample_path)
+    read_precomputed_statistics(ref_path)  # half-stored statistics fail here, not after the features
+    sample_stored = read_precomputed_statistics(sample_path)
     graph = find_inception_graph(graph_path)
 
     name, why = ("torch", f"--device {device}") if backend == "auto" and device else choose_backend(backend)
     print(f"loading the Inception graph {graph} ({name} backend: {why})...")
     with open_backend(name, graph, batch_size, device) as net:
         print(f"Inception backend: {net.describe()}")
-        feats = {}
-        for label, info in (("reference", ref_info), ("sample", sample_info)):
-            h, w = info.image_size
-            print(f"computing {label} batch activations ({info.num_images} images, {h}x{w})...")
-            feats[label] = net.activations(iter_batches(info.path, net.batch_size),
-                                           total=num_batches(info.num_images, net.batch_size), desc=label)
-        probs = metrics.softmax_probabilities(feats["sample"][0], net.softmax_weights)
-
+        ref = reference_statistics(ref_info, net, file_sha256(graph))
+        h, w = sample_info.image_size
+        print(f"computing sample batch activations ({sample_info.num_images} images, {h}x{w})...")
+        pool, spatial = net.activations(iter_batches(sample_path, net.batch_size),
+                                        total=num_batches(sample_info.num_images, net.batch_size), desc="sample")
         print("computing evaluations...")
-        ref_stats, ref_stats_s = _statistics(ref_path, ref_stored, *feats["reference"])
-        sample_stats, sample_stats_s = _statistics(sample_path, sample_stored, *feats["sample"])
-        estimator = metrics.ManifoldEstimator(distance_fn=net.pairwise_distances)
-        precision, recall = metrics.precision_recall(feats["reference"][0], feats["sample"][0], estimator)
-    return EvalResult(
-        inception_score=metrics.inception_score(probs),
-        fid=metrics.frechet_distance(sample_stats, ref_stats),
-        sfid=metrics.frechet_distance(sample_stats_s, ref_stats_s),
-        precision=precision, recall=recall)
+        return score(pool, spatial, ref, net, sample_path, sample_stored)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

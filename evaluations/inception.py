@@ -11,6 +11,7 @@ metrics.softmax_probabilities).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -46,6 +47,14 @@ def cache_dir() -> Path:
 
 def cache_path() -> Path:
     return cache_dir() / GRAPH_FILENAME
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def find_inception_graph(explicit: str | os.PathLike | None = None) -> Path:

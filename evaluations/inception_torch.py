@@ -9,7 +9,6 @@ don't use it, and TF32's 10-bit mantissa would move features by ~1e-3); cudnn.be
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -23,7 +22,7 @@ import torch
 from evaluations import graphdef
 from evaluations.graphdef import GraphFormatError, Program
 from evaluations.inception import (BATCH_SIZE, INPUT_TENSOR, POOL_TENSOR, SOFTMAX_MATMUL_OP, SPATIAL_CHANNELS,
-                                   SPATIAL_TENSOR, InceptionBackend, cache_dir, warn)
+                                   SPATIAL_TENSOR, InceptionBackend, cache_dir, file_sha256, warn)
 from evaluations.npz_stream import EvaluatorInputError
 from evaluations.torch_graph import TorchGraph
 
@@ -38,14 +37,6 @@ class TorchBackendConfig:
     batch_size: int | None = None  # None: GPU_BATCH_SIZE on a GPU, BATCH_SIZE on the CPU
     channels_last: bool = False  # NHWC memory format for the convolutions (a speed choice; same numbers)
     cache_dir: str | os.PathLike | None = None  # None: ${XDG_CACHE_HOME:-~/.cache}/fqgan
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def convert_graph(graph_path: str | os.PathLike) -> tuple[Program, np.ndarray]:
@@ -158,21 +149,32 @@ class TorchInception(InceptionBackend):
         except GraphFormatError as e:
             raise EvaluatorInputError(f"{graph_path}: {e}") from None
 
-    @torch.inference_mode()
     def features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with warnings.catch_warnings():  # batches streamed from an npz are read-only; torch only reads them
             warnings.simplefilter("ignore", UserWarning)
             x = torch.from_numpy(batch)
-        n = len(x)
-        x = x.to(self.device).float()  # uint8 crosses to the GPU (4x less than float32); [0, 255] as in ADM
-        if self.device.type == "cuda" and n < self.batch_size:
-            # One batch shape for the whole run: a new shape would make cudnn.benchmark search algorithms again
-            # (seconds), more than the padding images cost. Images are independent, so the padding changes nothing.
-            x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
-        with exact_float32(self.device):
-            out = self.graph(x)
-            pool, spatial = out[POOL_TENSOR][:n], out[SPATIAL_TENSOR][:n, ..., :SPATIAL_CHANNELS]
-            return pool.cpu().numpy(), spatial.contiguous().cpu().numpy()
+        pool, spatial = self.device_features(x)
+        return pool.cpu().numpy(), spatial.cpu().numpy()
+
+    @torch.inference_mode()
+    def device_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pool_3 [n, 1, 1, D], mixed_6/conv[..., :7] [n, h, w, 7]) float32 on this backend's device for uint8
+        NHWC images on any device, ``batch_size`` at a time, without a host sync: what the evaluator reads from
+        an npz, and what the samplers' --fid-ref hands over while the images are still on the GPU."""
+        pools, spatials = [], []
+        for x in images.split(self.batch_size):
+            n = len(x)
+            x = x.to(self.device).float()  # uint8 crosses to the GPU (4x less than float32); [0, 255] as in ADM
+            if self.device.type == "cuda" and n < self.batch_size:
+                # One batch shape for the whole run: a new shape would make cudnn.benchmark search algorithms
+                # again (seconds), more than the padding images cost. Images are independent, so the padding
+                # changes nothing.
+                x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
+            with exact_float32(self.device):
+                out = self.graph(x)
+            pools.append(out[POOL_TENSOR][:n])
+            spatials.append(out[SPATIAL_TENSOR][:n, ..., :SPATIAL_CHANNELS].contiguous())
+        return torch.cat(pools), torch.cat(spatials)
 
     @torch.inference_mode()
     def pairwise_distances(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:

@@ -130,3 +130,16 @@ def test_cuda_decoder_variants_agree():
                         compile=True)(codes).int()
     assert fast.shape == ref.shape == (6, 32, 32, 3)
     assert (fast - ref).abs().float().mean().item() < 2.0 and (fast - ref).abs().max().item() <= 24
+
+
+def test_guidance_scales_reuse_the_cuda_graphs():
+    """The scale is data to the captured graphs: a second scale replays them (no capture, no compilation) and
+    gives what eager generation gives at that scale."""
+    model = cuda_model(2)
+    labels = torch.tensor([3, 7, 0, 9], device="cuda")
+    first = generate(model, labels, compile=True, cfg_scale=1.5, top_k=1, seed=3)
+    runner, before = _runners[model][1], counters["stats"]["unique_graphs"]
+    second = generate(model, labels, compile=True, cfg_scale=2.5, top_k=1, seed=3)
+    assert _runners[model][1] is runner and counters["stats"]["unique_graphs"] == before
+    assert torch.equal(second, generate(model, labels, cfg_scale=2.5, top_k=1, seed=3))
+    assert torch.equal(first, generate(model, labels, cfg_scale=1.5, top_k=1, seed=3))

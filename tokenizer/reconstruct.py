@@ -11,7 +11,10 @@ reconstruction of row i of ``val_ddp.py``'s reference batch), and reports:
   a quirk of the original (the images span 1, not 2), which makes SSIM read higher than with the true
   range. We keep it for comparability and also report ``ssim_true_range``;
 * LPIPS (VGG) when the VGG16 weights are available locally;
-* per factor: the fraction of the codebook used over the whole set and the perplexity of the code histogram.
+* per factor: the fraction of the codebook used over the whole set and the perplexity of the code histogram;
+* with ``--fid-ref REF.npz`` (e.g. ``val_ddp.py``'s reference batch): rFID and the other ADM numbers, from Inception
+  features taken on each rank while the reconstructions are made (``evaluations/inprocess.py``), the same numbers
+  as ``evaluations/evaluator.py --backend torch REF.npz <folder-name>.npz``.
 
 Everything is printed, written to ``<folder-name>_results.txt`` (the original's format) and to
 ``<folder-name>.json`` beside the npz.
@@ -30,6 +33,8 @@ import torch.nn.functional as F
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from tqdm import tqdm
 
+from evaluations.inprocess import POOL, SPATIAL, InProcessFID, add_fid_arguments, write_result
+from evaluations.npz_stream import EvaluatorInputError
 from tokenizer.models import check_tokenizer_flags, describe_tokenizer, load_tokenizer
 from utils.checkpoint import CheckpointError, add_unsafe_load_argument
 from utils.data import ImageFolderSafe, eval_batches, eval_transform, rank_shard
@@ -60,6 +65,7 @@ def get_parser(num_factors: int) -> argparse.ArgumentParser:
     p.add_argument("--save-png", action="store_true", help="also write <sample-dir>/<folder-name>/NNNNNN.png")
     p.add_argument("--vgg-path", type=str, default=None, help="VGG16 ImageNet weights for LPIPS (optional)")
     p.add_argument("--no-tf32", action="store_true", help="full fp32 matmuls on GPU (TF32 is on by default)")
+    add_fid_arguments(p)
     add_unsafe_load_argument(p)
     # accepted for the original command lines; the checkpoint decides whether heads exist
     p.add_argument("--with_clip_supervision", action="store_true", help=argparse.SUPPRESS)
@@ -114,7 +120,14 @@ def main(argv=None, num_factors: int = 2) -> dict:
     n = min(len(dataset), args.num_images) if args.num_images else len(dataset)
     size = args.image_size_eval or args.image_size
     out = Path(args.sample_dir) / f"{args.folder_name}.npz"
-    writer = ShardedNpzWriter(out, {"arr_0": ((n, size, size, 3), np.uint8)})
+    fid = None
+    if args.fid_ref:
+        try:  # before any image: a wrong reference fails now
+            fid = InProcessFID(args.fid_ref, args.inception_graph, info.device, size, n, args.fid_batch_size)
+        except EvaluatorInputError as e:
+            sys.exit(f"error: {e}")
+        log(f"--fid-ref: {fid.describe()}")
+    writer = ShardedNpzWriter(out, {"arr_0": ((n, size, size, 3), np.uint8), **(fid.arrays(n) if fid else {})})
     png_dir = Path(args.sample_dir) / args.folder_name
     if args.save_png:
         png_dir.mkdir(parents=True, exist_ok=True)
@@ -133,7 +146,12 @@ def main(argv=None, num_factors: int = 2) -> dict:
         if size != args.image_size:
             x = F.interpolate(x, size=(size, size), mode="bicubic")
             recon = F.interpolate(recon, size=(size, size), mode="bicubic")
-        recon_u8 = to_uint8(recon).cpu().numpy()
+        recon_u8 = to_uint8(recon)
+        if fid is not None:
+            pool, spatial = fid(recon_u8)
+            writer.write(POOL, idx.numpy(), pool.cpu().numpy())
+            writer.write(SPATIAL, idx.numpy(), spatial.cpu().numpy())
+        recon_u8 = recon_u8.cpu().numpy()
         writer.write("arr_0", idx.numpy(), recon_u8)
         psnr, ssim, ssim_true = image_metrics(recon_u8, ((x.permute(0, 2, 3, 1).cpu().numpy() + 1.0) / 2.0))
         sums[:3] += torch.tensor([sum(psnr), sum(ssim), sum(ssim_true)], dtype=torch.float64)
@@ -144,7 +162,9 @@ def main(argv=None, num_factors: int = 2) -> dict:
             from PIL import Image
             for i, img in zip(idx.tolist(), recon_u8):
                 Image.fromarray(img).save(png_dir / f"{i:06d}.png")
-    writer.close()
+    if fid is not None:  # every rank's features, on rank 0 (before close removes the parts)
+        pool, spatial = writer.gather(POOL), writer.gather(SPATIAL)
+    writer.close(["arr_0"])
 
     all_reduce_sum(sums)
     all_reduce_sum(hist)
@@ -169,6 +189,12 @@ def main(argv=None, num_factors: int = 2) -> dict:
         print(f"SSIM (true data range): {results['ssim_true_range']:f}; "
               f"LPIPS: {'n/a' if results['lpips'] is None else format(results['lpips'], 'f')}; {extra}")
         (Path(args.sample_dir) / f"{args.folder_name}_results.txt").write_text(line + "\n")
+        if fid is not None:
+            scores = fid.score(pool, spatial)
+            results.update(scores._asdict(), fid_reference=args.fid_ref)
+            write_result(scores, Path(args.sample_dir) / f"{args.folder_name}.txt",
+                         Path(args.sample_dir) / "fid.jsonl", name=args.folder_name, num_samples=n,
+                         reference=args.fid_ref, vq_ckpt=str(args.vq_ckpt), inception=fid.net.describe())
         (Path(args.sample_dir) / f"{args.folder_name}.json").write_text(json.dumps(results, indent=2) + "\n")
         print(f"Saved {n} reconstructions to {out}")
     cleanup()

@@ -12,7 +12,7 @@ import os
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -63,19 +63,32 @@ class ShardedNpzWriter:
         tmp.write_text(json.dumps({"done": self.done}))
         os.replace(tmp, self.progress_file)
 
-    def close(self) -> Path:
+    def gather(self, name: str) -> Optional[np.ndarray]:
+        """Collective: the whole member ``name`` (every rank's rows) on rank 0, read back from the parts; None on
+        the other ranks. Call it before ``close``."""
+        for m in self.maps.values():
+            m.flush()
+        barrier()
+        return np.array(np.load(self.parts / f"{name}.npy", mmap_mode="r")) if get_rank() == 0 else None
+
+    def close(self, members: Optional[Sequence[str]] = None) -> Optional[Path]:
+        """Collective: rank 0 writes ``members`` (default: every array) into the npz, then the parts are
+        removed. With no members (e.g. only per-row features kept for a resume), no npz is written: None."""
+        members = list(self.arrays) if members is None else list(members)
         for m in self.maps.values():
             m.flush()
         self.maps.clear()
         barrier()
-        if get_rank() == 0:
+        if get_rank() == 0 and not members:
+            shutil.rmtree(self.parts, ignore_errors=True)
+        elif get_rank() == 0:
             tmp = self.path.with_name(f".{self.path.name}.tmp")
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-                for name in self.arrays:
+                for name in members:
                     with open(self.parts / f"{name}.npy", "rb") as src, \
                             zf.open(f"{name}.npy", "w", force_zip64=True) as dst:
                         shutil.copyfileobj(src, dst, 16 << 20)
             os.replace(tmp, self.path)
             shutil.rmtree(self.parts, ignore_errors=True)
         barrier()
-        return self.path
+        return self.path if members else None

@@ -9,7 +9,9 @@ One image position costs one trunk step plus F factor-head steps:
         h = trunk_step(aggregate(codes of t))                         (next_position: trunk, then the heads)
 
 Guidance batches the conditional and the unconditional (null class) rows together, so each step is ONE
-forward pass over 2B rows: logits = uncond + scale * (cond - uncond), with a scale per factor. Both caches are
+forward pass over 2B rows: logits = uncond + scale * (cond - uncond), with a scale per factor. The scales
+are data (a tensor), not constants of the compiled step: a guidance sweep reuses one compilation and one set
+of CUDA graphs; only whether a factor is guided at all (scale != 1) is part of the plan. Both caches are
 allocated once (and kept for the next generation if the shape matches); the factor head's cache holds just F
 steps and is overwritten at every position, because step j writes slot j before any query reads it.
 
@@ -125,8 +127,9 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p
 class SamplingPlan:
     """The constants of one generation's position steps: per-factor sampling, and how a decoding query
     attends (``attention``: "sdpa" or "reductions", see ``far.single_query_attention``). They are Python
-    constants in compiled graphs (a different plan compiles once more), so hashable and frozen."""
-    scales: tuple[float, ...]       # guidance scale per factor (1.0: that factor's conditional logits)
+    constants in compiled graphs (a different plan compiles once more), so hashable and frozen. The guidance
+    scales themselves are not among them (a tensor passed to each step): only which factors are guided."""
+    guided: tuple[bool, ...]        # per factor: mix in the unconditional logits (scale != 1)
     temperature: tuple[float, ...]
     top_k: tuple[int, ...]
     top_p: tuple[float, ...]
@@ -134,14 +137,15 @@ class SamplingPlan:
     attention: str = "sdpa"
 
     def unguided(self) -> "SamplingPlan":
-        return dataclasses.replace(self, scales=(1.0,) * len(self.scales))
+        return dataclasses.replace(self, guided=(False,) * len(self.guided))
 
 
 def decode_position(model: FAR, h: torch.Tensor, plan: SamplingPlan, keys: torch.Tensor,
-                    t: torch.Tensor) -> torch.Tensor:
+                    t: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Sample the F codes of grid position ``t`` (an int64 tensor of one element) from the trunk output h
     (rows, 1, D); returns (B, F). With ``plan.doubled`` the rows are [conditional; unconditional] and both
-    continue with the sampled codes. ``keys``: the (B,) random-stream keys (``row_keys``)."""
+    continue with the sampled codes. ``keys``: the (B,) random-stream keys (``row_keys``); ``scales``: the (F,)
+    float32 guidance scales, read only for the factors ``plan.guided`` marks."""
     Fn, V = model.config.num_factors, model.config.vocab_size
     codes = []
     x = h
@@ -149,8 +153,7 @@ def decode_position(model: FAR, h: torch.Tensor, plan: SamplingPlan, keys: torch
         logits = model.head_step(x, j, plan.attention)
         if plan.doubled:
             cond, uncond = logits.chunk(2)
-            s = plan.scales[j]
-            logits = cond if s == 1.0 else uncond + (cond - uncond) * s
+            logits = uncond + (cond - uncond) * scales[j] if plan.guided[j] else cond
         greedy = plan.temperature[j] == 0 or plan.top_k[j] == 1
         noise = None if greedy else uniform_noise(keys, t * Fn + j, V)
         code = sample(logits, plan.temperature[j], plan.top_k[j], plan.top_p[j], uniform=noise)
@@ -160,16 +163,17 @@ def decode_position(model: FAR, h: torch.Tensor, plan: SamplingPlan, keys: torch
     return torch.stack(codes, dim=1)
 
 
-def first_position(model: FAR, cond: torch.Tensor, keys: torch.Tensor, plan: SamplingPlan) -> torch.Tensor:
+def first_position(model: FAR, cond: torch.Tensor, keys: torch.Tensor, plan: SamplingPlan,
+                   scales: torch.Tensor) -> torch.Tensor:
     """Prefill the class token(s) (attending to themselves only) and sample grid position 0; (B, F)."""
     C = model.config.cls_token_num
     pos = torch.arange(C, device=cond.device)
     h = model.trunk_step(model.cls_embedding(cond)[:, None], pos, C, plan.attention)[:, -1:]
-    return decode_position(model, h, plan, keys, pos[:1] * 0)
+    return decode_position(model, h, plan, keys, pos[:1] * 0, scales)
 
 
 def next_position(model: FAR, prev: torch.Tensor, visible: torch.Tensor, keys: torch.Tensor,
-                  plan: SamplingPlan) -> torch.Tensor:
+                  plan: SamplingPlan, scales: torch.Tensor) -> torch.Tensor:
     """Feed the codes ``prev`` (rows, F) of grid position t - 1 to the trunk, then sample position t; (B, F).
 
     ``visible`` = arange(C + t): the sequence positions the new query sees (class token(s), then positions
@@ -178,7 +182,7 @@ def next_position(model: FAR, prev: torch.Tensor, visible: torch.Tensor, keys: t
     C = model.config.cls_token_num
     input_pos = visible[-1:]
     h = model.trunk_step(model.embed_position(prev), input_pos, visible.shape[0], plan.attention)
-    return decode_position(model, h, plan, keys, input_pos - (C - 1))
+    return decode_position(model, h, plan, keys, input_pos - (C - 1), scales)
 
 
 _compiled: dict = {}
@@ -229,7 +233,7 @@ class CudaGraphGeneration:
 
     The CUDA-graph rules, kept explicitly:
     * every tensor that crosses a replay has a static address and is allocated before capture, outside the
-      graphs' memory pool: the KV caches, ``cond`` and ``keys`` (inputs, copied in before the replays),
+      graphs' memory pool: the KV caches, ``cond``, ``keys`` and ``scales`` (inputs, copied in before the replays),
       ``prev`` (the codes each graph leaves for the next) and ``out`` (the result, cloned before returning);
     * a graph writes its results into those buffers with ``copy_`` inside the graph; no tensor allocated during
       capture is kept, so the graphs can share one pool (they replay one after the other on one stream);
@@ -252,6 +256,7 @@ class CudaGraphGeneration:
         self.step = compiled_next_position() if compile else next_position
         self.cond = torch.zeros(rows, dtype=torch.long, device=dev)
         self.keys = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.scales = torch.ones(cfg.num_factors, dtype=torch.float32, device=dev)
         self.prev = torch.zeros(rows, cfg.num_factors, dtype=torch.long, device=dev)
         self.out = torch.zeros(batch, T, cfg.num_factors, dtype=torch.long, device=dev)
         self.positions = torch.arange(C + T, device=dev)
@@ -279,17 +284,18 @@ class CudaGraphGeneration:
 
     def _position(self, m: FAR, t: int) -> None:
         if t == 0:
-            new = first_position(m, self.cond, self.keys, self.plans[0])
+            new = first_position(m, self.cond, self.keys, self.plans[0], self.scales)
         else:
             visible = _visible(m, self.positions, t, self.compile)
-            new = self.step(m, self.prev, visible, self.keys, self.plans[t])
+            new = self.step(m, self.prev, visible, self.keys, self.plans[t], self.scales)
         self.out[:, t].copy_(new)
         self.prev.copy_(new.repeat(2, 1) if self.doubled else new)
 
     @torch.no_grad()
-    def __call__(self, cond: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    def __call__(self, cond: torch.Tensor, keys: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         self.cond.copy_(cond)
         self.keys.copy_(keys)
+        self.scales.copy_(scales)
         for g in self.graphs:
             g.replay()
         return self.out.clone()  # the next generation overwrites self.out
@@ -372,7 +378,8 @@ def generate(model: FAR, labels: Union[torch.Tensor, Sequence[int]], num_positio
     if rows.shape != (B,) or rows.dtype.is_floating_point:
         raise ValueError(f"row_ids must be {B} integers (one per label), got {rows.dtype} {tuple(rows.shape)}")
     keys = row_keys(seed, rows.long())
-    plan = SamplingPlan(scales, temps, ks, ps, doubled, attention)
+    plan = SamplingPlan(tuple(s != 1.0 for s in scales), temps, ks, ps, doubled, attention)
+    scale_data = torch.tensor(scales, dtype=torch.float32, device=device)  # data: a new scale compiles nothing
     plans = tuple(plan if cfg_interval < 0 or t <= cfg_interval + 1 else plan.unguided() for t in range(T))
     cond = torch.cat([labels, torch.full_like(labels, cfg.num_classes)]) if doubled else labels
     was_training = model.training
@@ -380,17 +387,17 @@ def generate(model: FAR, labels: Union[torch.Tensor, Sequence[int]], num_positio
     model.setup_caches(cond.shape[0])
     try:
         if cuda_graphs:
-            return _cuda_graph_runner(model, B, plans, compile)(cond, keys)
+            return _cuda_graph_runner(model, B, plans, compile)(cond, keys, scale_data)
         step = compiled_next_position() if compile else next_position
         C = cfg.cls_token_num
         positions = torch.arange(C + T, device=device)
         out = torch.empty(B, T, Fn, dtype=torch.long, device=device)
         with _recompile_limit(64), _decode_attention():
-            codes = first_position(model, cond, keys, plans[0])
+            codes = first_position(model, cond, keys, plans[0], scale_data)
             out[:, 0] = codes
             for t in range(1, T):
                 prev = codes.repeat(2, 1) if doubled else codes
-                codes = step(model, prev, _visible(model, positions, t, compile), keys, plans[t])
+                codes = step(model, prev, _visible(model, positions, t, compile), keys, plans[t], scale_data)
                 out[:, t] = codes
         return out
     finally:

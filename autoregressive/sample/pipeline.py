@@ -199,12 +199,15 @@ class AsyncWriter:
 # ------------------------------------------------------------------------------------------------------------
 def sample_images(far: FAR, decoder: ImageDecoder, labels: np.ndarray, rows: np.ndarray, batch: int, seed: int,
                   write: Callable[[np.ndarray, np.ndarray, np.ndarray], None],
-                  progress: Callable[[Iterable], Iterable] = iter, **generate_kw) -> None:
+                  progress: Callable[[Iterable], Iterable] = iter,
+                  features: Optional[Callable[[torch.Tensor], object]] = None, **generate_kw) -> None:
     """Generate, decode and write the images ``rows`` (global indices; ``labels`` holds every image's class)
     in batches of ``batch``. Image i draws from the random stream (seed, i), so it does not depend on the
     batch it falls in. Every batch has the same shape (the last is padded with copies of its last row): CUDA
     graphs and compiled decoders see one shape. ``write(rows, uint8 images (n, H, W, 3), labels)`` runs in
-    the writer thread; this returns once every row is written."""
+    the writer thread; this returns once every row is written. ``features`` (e.g. --fid-ref's Inception) sees
+    each decoded uint8 batch on the device; then ``write`` gets ``(labels, features(images))`` instead of labels,
+    so what it returns is stored with the images (and its device work overlaps the next batch)."""
     device = far.aggregation_layer.weight.device
     with AsyncWriter(write) as writer:
         for i in progress(range(0, len(rows), batch)):
@@ -213,4 +216,9 @@ def sample_images(far: FAR, decoder: ImageDecoder, labels: np.ndarray, rows: np.
             y = torch.from_numpy(labels[padded]).to(device)
             codes = generate(far, y, far.config.block_size, seed=seed, row_ids=torch.from_numpy(padded),
                              **generate_kw)
-            writer.put(part, decoder(codes)[:len(part)], labels[part], stream=decoder.stream)
+            images = decoder(codes)[:len(part)]
+            payload = labels[part]
+            if features is not None:  # on the decoder's stream: the writer's event then covers the features too
+                with torch.cuda.stream(decoder.stream) if decoder.stream is not None else nullcontext():
+                    payload = (payload, features(images))
+            writer.put(part, images, payload, stream=decoder.stream)

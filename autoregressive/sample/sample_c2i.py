@@ -8,6 +8,12 @@ the first samples. ``<name>`` follows the original sampler's naming
 Labels are uniform random draws, like the original, or exactly balanced with ``--class-balanced``
 (50 per class for 50,000 samples of 1000 classes).
 
+With ``--fid-ref REF.npz`` each rank also runs the torch Inception backend on its decoded images as they come
+(``evaluations/inprocess.py``); rank 0 prints the five ADM numbers at the end, exactly as ``evaluator.py --backend
+torch`` would on the npz, writes them to ``<name>.txt`` and appends a JSON line to ``<sample-dir>/fid.jsonl``.
+``--no-save-npz`` then skips the npz (the PNG grid stays). ``--cfg-scales 1.5,2.0,...`` samples (and scores) every
+guidance scale in one process: the scale is data to the compiled step, so compilation and CUDA graphs are paid once.
+
 Image i is sampled from the random stream (``--global-seed``, i) whatever the batch it falls in, so the
 samples do not depend on the number of processes or the batch size. On a GPU, generation is compiled with
 CUDA graphs by default (``--no-compile`` to opt out), the batch size follows the free memory unless given,
@@ -27,6 +33,8 @@ from tqdm import tqdm
 
 from autoregressive.models import FAR_models, describe_far, load_far
 from autoregressive.sample.pipeline import ImageDecoder, auto_batch_size, sample_images
+from evaluations.inprocess import POOL, SPATIAL, InProcessFID, add_fid_arguments, write_result
+from evaluations.npz_stream import EvaluatorInputError
 from tokenizer.models import check_tokenizer_flags, describe_tokenizer, load_tokenizer
 from utils.checkpoint import CheckpointError, add_unsafe_load_argument, weight_preference
 from utils.data import rank_shard
@@ -61,6 +69,9 @@ def get_parser(num_factors: int) -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--cfg-scale", type=float, nargs="+", default=[1.5],
                    help="guidance scale: one value, or one per factor (visual first)")
+    p.add_argument("--cfg-scales", type=str, default=None,
+                   help="a guidance sweep, e.g. 1.5,1.75,2.0: every scale (for all factors) sampled in turn, each "
+                        "its own npz/score, in one process (replaces --cfg-scale)")
     p.add_argument("--cfg-interval", type=float, default=-1)
     p.add_argument("--sample-dir", type=str, default="samples")
     p.add_argument("--per-proc-batch-size", type=int, default=None,
@@ -83,6 +94,9 @@ def get_parser(num_factors: int) -> argparse.ArgumentParser:
     p.add_argument("--class-balanced", action="store_true", help="the same number of samples for every class")
     p.add_argument("--grid-samples", type=int, default=64, help="how many samples the PNG grid shows")
     p.add_argument("--name", type=str, default=None, help="output name (default: the original's naming)")
+    add_fid_arguments(p)
+    p.add_argument("--save-npz", action=argparse.BooleanOptionalAction, default=True,
+                   help="write the npz (--no-save-npz with --fid-ref: only the scores and the grid)")
     add_unsafe_load_argument(p)
     return p
 
@@ -110,8 +124,12 @@ def sample_labels(n: int, num_classes: int, seed: int, balanced: bool) -> np.nda
 
 
 @torch.no_grad()  # evaluation only (and leaves grad mode alone for in-process callers)
-def main(argv=None, num_factors: int = 2) -> Path:
+def main(argv=None, num_factors: int = 2):
+    """The npz path (None with --no-save-npz); a list of them for a --cfg-scales sweep."""
     args = get_parser(num_factors).parse_args(argv)
+    sweep = parse_scales(args.cfg_scales) if args.cfg_scales else [list(args.cfg_scale)]
+    if not args.save_npz and not args.fid_ref:
+        sys.exit("error: --no-save-npz keeps nothing but the grid without --fid-ref")
     info = init_distributed()
     device = info.device
     log = print if info.is_main else (lambda *a, **k: None)
@@ -146,8 +164,6 @@ def main(argv=None, num_factors: int = 2) -> Path:
 
     n = args.num_fid_samples
     labels = sample_labels(n, args.num_classes, args.global_seed, args.class_balanced)
-    name = args.name or output_name(args, args.vq_model or f"VQ-{tokenizer.config.downsample}")
-    out = Path(args.sample_dir) / f"{name}.npz"
     size = args.image_size_eval
     cuda = device.type == "cuda"
     compile = cuda if args.compile is None else args.compile
@@ -155,9 +171,16 @@ def main(argv=None, num_factors: int = 2) -> Path:
     decode_dtype = decode_dtype if cuda else torch.float32
     decode_batch = args.decode_batch_size or (128 if cuda else 8)
     mine = rank_shard(n, info.rank, info.world_size)
+    fid = None
+    if args.fid_ref:  # before any sampling (a wrong reference fails now, not after hours) and the batch size
+        try:
+            fid = InProcessFID(args.fid_ref, args.inception_graph, device, size, n, args.fid_batch_size)
+        except EvaluatorInputError as e:
+            sys.exit(f"error: {e}")
+        log(f"--fid-ref: {fid.describe()}")
     batch = args.per_proc_batch_size
     if batch is None:
-        choice = auto_batch_size(far.config, any(s != 1.0 for s in args.cfg_scale), dtype, device,
+        choice = auto_batch_size(far.config, any(s != 1.0 for scales in sweep for s in scales), dtype, device,
                                  -(-n // info.world_size), decode_batch, args.image_size)
         batch = choice.batch
         log(f"--per-proc-batch-size {batch} ({choice.reason})")
@@ -168,13 +191,52 @@ def main(argv=None, num_factors: int = 2) -> Path:
                            channels_last=cuda if args.channels_last is None else args.channels_last,
                            compile=compile if args.compile_decoder is None else args.compile_decoder,
                            stream=torch.cuda.Stream(device) if cuda and args.decode_stream else None)
+    outs, rows = [], []
+    for scales in sweep:  # one model, decoder and compiled step for every scale: the scale is data
+        args.cfg_scale = scales
+        out, result = _sample_one(args, info, far, tokenizer, decoder, fid, labels, mine, batch, compile)
+        outs.append(out)
+        if result is not None:
+            rows.append((_one_or_list(scales), result))
+    if len(rows) > 1:
+        log(f"{'cfg':>10} {'IS':>10} {'FID':>10} {'sFID':>10} {'Prec':>8} {'Rec':>8}")
+        for scale, r in rows:
+            log(f"{str(scale):>10} {r.inception_score:10.4f} {r.fid:10.4f} {r.sfid:10.4f} "
+                f"{r.precision:8.4f} {r.recall:8.4f}")
+    cleanup()
+    return outs[0] if len(outs) == 1 else outs
+
+
+def parse_scales(text: str) -> list[list[float]]:
+    try:
+        scales = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        sys.exit(f"error: --cfg-scales {text}: expected comma-separated numbers, e.g. 1.5,1.75,2.0")
+    if not scales:
+        sys.exit(f"error: --cfg-scales {text!r}: no scale given")
+    return [[s] for s in scales]
+
+
+def _sample_one(args, info, far, tokenizer, decoder, fid: InProcessFID | None, labels: np.ndarray,
+                mine: np.ndarray, batch: int, compile: bool):
+    """Sample (and score) the images of ``args.cfg_scale``: (the npz path or None, the EvalResult or None)."""
+    log = print if info.is_main else (lambda *a, **k: None)
+    n, size = args.num_fid_samples, args.image_size_eval
+    name = args.name or output_name(args, args.vq_model or f"VQ-{tokenizer.config.downsample}")
+    if args.name and args.cfg_scales:
+        name = f"{args.name}-cfg-{'_'.join(map(str, args.cfg_scale))}"
+    out = Path(args.sample_dir) / f"{name}.npz"
     # What the images depend on: a killed run rerun with the same command continues where each rank stopped.
     fingerprint = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())
                    if k not in ("per_proc_batch_size", "decode_batch_size", "grid_samples", "compile",
-                                "compile_decoder", "channels_last", "decode_stream", "decode_precision")}
+                                "compile_decoder", "channels_last", "decode_stream", "decode_precision",
+                                "cfg_scales", "fid_ref", "inception_graph", "fid_batch_size", "save_npz")}
     fingerprint["world_size"] = info.world_size
-    writer = ShardedNpzWriter(out, {"arr_0": ((n, size, size, 3), np.uint8), "arr_1": ((n,), np.int64)},
-                              fingerprint)
+    arrays = {"arr_0": ((n, size, size, 3), np.uint8), "arr_1": ((n,), np.int64)} if args.save_npz else {}
+    if fid is not None:
+        arrays.update(fid.arrays(n))
+        fingerprint["inception_graph_sha256"] = fid.graph_sha
+    writer = ShardedNpzWriter(out, arrays, fingerprint)
     if writer.done:
         print(f"rank {info.rank}: resuming after {writer.done} of its {len(mine)} images, already written")
     todo = mine[writer.done:]
@@ -183,25 +245,38 @@ def main(argv=None, num_factors: int = 2) -> Path:
               top_p=_one_or_list(args.top_p), compile=compile)
     grid_images = []
 
-    def write(rows, images, batch_labels):  # runs in the writer thread
-        writer.write("arr_0", rows, images)
-        writer.write("arr_1", rows, batch_labels)
+    def write(rows, images, payload):  # runs in the writer thread
+        batch_labels, feats = payload if fid is not None else (payload, None)
+        if args.save_npz:
+            writer.write("arr_0", rows, images)
+            writer.write("arr_1", rows, batch_labels)
+        if feats is not None:
+            writer.write(POOL, rows, feats[0].cpu().numpy())
+            writer.write(SPATIAL, rows, feats[1].cpu().numpy())
         writer.mark_done(len(rows))
         if info.is_main and sum(len(g) for g in grid_images) < args.grid_samples:
             grid_images.append(torch.from_numpy(images.copy()))
 
     start = time.perf_counter()
     progress = lambda it: tqdm(it, disable=not info.is_main, desc=name[:40])  # noqa: E731
-    sample_images(far, decoder, labels, todo, batch, args.global_seed, write, progress, **kw)
+    sample_images(far, decoder, labels, todo, batch, args.global_seed, write, progress, features=fid, **kw)
     seconds = time.perf_counter() - start
-    log(f"Rank 0 generated, decoded and wrote {len(todo)} images in {seconds:.1f} s "
+    log(f"Rank 0 generated, decoded{', scored' if fid else ''} and wrote {len(todo)} images in {seconds:.1f} s "
         f"({len(todo) / max(seconds, 1e-9):.1f} images/s, compile {'on' if compile else 'off'})")
-    writer.close()
+    result = None
+    if fid is not None:
+        pool, spatial = writer.gather(POOL), writer.gather(SPATIAL)
+        if info.is_main:
+            result = fid.score(pool, spatial)
+            write_result(result, out.with_suffix(".txt"), Path(args.sample_dir) / "fid.jsonl", name=name,
+                         cfg_scale=_one_or_list(args.cfg_scale), num_samples=n, reference=args.fid_ref,
+                         gpt_ckpt=args.gpt_ckpt, vq_ckpt=args.vq_ckpt, inception=fid.net.describe())
+    saved = writer.close(["arr_0", "arr_1"] if args.save_npz else [])
     if info.is_main:
-        print(f"Saved {n} samples to {out} (arr_0 images, arr_1 labels)")
+        if saved:
+            print(f"Saved {n} samples to {out} (arr_0 images, arr_1 labels)")
         if grid_images and args.grid_samples > 0:
             shown = torch.cat(grid_images)[:args.grid_samples].permute(0, 3, 1, 2).float() / 127.5 - 1
             save_grid(shown, out.with_suffix(".png"), nrow=int(np.ceil(np.sqrt(len(shown)))))
             print(f"Grid of the first {len(shown)} samples: {out.with_suffix('.png')}")
-    cleanup()
-    return out
+    return saved, result
