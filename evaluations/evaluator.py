@@ -35,6 +35,10 @@ from evaluations import metrics
 from evaluations.inception import BACKENDS, choose_backend, find_inception_graph, open_backend
 from evaluations.npz_stream import (EvaluatorInputError, ImageArrayInfo, iter_batches, num_batches,
                                     read_precomputed_statistics, validate_images)
+from utils.argtypes import positive_int
+
+
+FULL_RANK_IMAGES = 2048  # the pool features' width: fewer images cannot give a full-rank covariance
 
 
 class EvalResult(NamedTuple):
@@ -91,6 +95,11 @@ def evaluate(ref_path: str, sample_path: str, graph_path: str | os.PathLike | No
     # Every check that can fail runs before TensorFlow/torch are imported (seconds) and before any features.
     ref_info, sample_info = check_inputs(ref_path, sample_path, allow_size_mismatch)
     ref_stored, sample_stored = read_precomputed_statistics(ref_path), read_precomputed_statistics(sample_path)
+    for label, info, stored in (("reference", ref_info, ref_stored), ("sample", sample_info, sample_stored)):
+        if stored is None and info.num_images < FULL_RANK_IMAGES:
+            print(f"warning: the {label} batch {info.path} has {info.num_images} images, fewer than the {FULL_RANK_IMAGES} "
+                  f"features of the Inception pool: its covariance is rank-deficient and FID/sFID from it are not "
+                  f"comparable with published numbers (ADM uses 10,000-50,000)", file=sys.stderr)
     graph = find_inception_graph(graph_path)
 
     name, why = ("torch", f"--device {device}") if backend == "auto" and device else choose_backend(backend)
@@ -130,13 +139,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "missing, else tf")
     parser.add_argument("--device", default=None,
                         help="torch backend's device, e.g. cuda, cuda:1, cpu (default: cuda if available)")
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="images per Inception forward pass (default: 64 on a CPU, 500 on a GPU)")
     parser.add_argument("--allow-size-mismatch", action="store_true",
                         help="evaluate even if reference and sample images differ in size")
     args = parser.parse_args(argv)
-    if args.batch_size is not None and args.batch_size < 1:
-        parser.error("--batch-size must be positive")
     if args.device and args.backend == "tf":
         parser.error("--device applies to --backend torch only")
     try:
@@ -147,7 +154,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print("\n".join(result.lines()))
     out = result_path(args.sample_batch)
-    out.write_text("\n".join(result.lines()) + "\n")
+    try:
+        out.write_text("\n".join(result.lines()) + "\n")
+    except OSError as e:  # a read-only sample folder: the numbers above are the result
+        print(f"warning: could not write {out} ({e.strerror or e}); the numbers are printed above", file=sys.stderr)
+        return 0
     print(f"wrote {out}")
     return 0
 

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from utils.distributed import all_gather_objects, barrier, get_rank
+from utils.runfiles import reserve_file
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -92,6 +93,8 @@ class CodeStoreWriter:
         mode = "r+" if done is not None else "w+"
         self.codes = np.lib.format.open_memmap(self.files[0][0], mode=mode, dtype=self.dtype, shape=shape)
         self.labels = np.lib.format.open_memmap(self.files[1][0], mode=mode, dtype=np.int32, shape=(count,))
+        for tmp, _ in self.files:  # a full disk: one line now, not a SIGBUS through the memory map later
+            reserve_file(tmp)
         self.filled, self.state = (done["filled"], done["state"]) if done is not None else (0, {})
 
     def _recorded_progress(self) -> Optional[dict[str, Any]]:

@@ -29,10 +29,12 @@ from autoregressive.models import FAR_models, describe_far, load_far
 from autoregressive.sample.pipeline import ImageDecoder, auto_batch_size, sample_images
 from tokenizer.models import check_tokenizer_flags, describe_tokenizer, load_tokenizer
 from utils.checkpoint import CheckpointError, add_unsafe_load_argument, weight_preference
+from utils.argtypes import finite_float, nonnegative_int, positive_float, positive_int, unit_float
 from utils.data import rank_shard
-from utils.distributed import cleanup, init_distributed
+from utils.distributed import all_gather_objects, cleanup, init_distributed
 from utils.images import save_grid
 from utils.npz import ShardedNpzWriter
+from utils.runfiles import FolderInUse, FolderLock, NoSpace, checkpoint_digest
 
 
 def get_parser(num_factors: int) -> argparse.ArgumentParser:
@@ -44,7 +46,7 @@ def get_parser(num_factors: int) -> argparse.ArgumentParser:
                                                       "as the original sampler)")
     p.add_argument("--gpt-type", type=str, choices=["c2i"], default="c2i")
     p.add_argument("--from-fsdp", action="store_true", help="accepted; our FSDP checkpoints are full state dicts")
-    p.add_argument("--cls-token-num", type=int, default=1)
+    p.add_argument("--cls-token-num", type=positive_int, default=1)
     p.add_argument("--precision", type=str, default="bf16", choices=["none", "fp16", "bf16"],
                    help="generator dtype on GPU (CPU runs fp32)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -55,17 +57,17 @@ def get_parser(num_factors: int) -> argparse.ArgumentParser:
                                                          "which extraction encodes with)")
     p.add_argument("--codebook-size", type=int, default=None, help="checked against the tokenizer checkpoint")
     p.add_argument("--codebook-embed-dim", type=int, default=None, help="checked against the tokenizer checkpoint")
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--image-size-eval", type=int, default=256)
+    p.add_argument("--image-size", type=positive_int, default=256)
+    p.add_argument("--image-size-eval", type=positive_int, default=256)
     p.add_argument("--downsample-size", type=int, choices=[4, 8, 16], default=16)
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--cfg-scale", type=float, nargs="+", default=[1.5],
+    p.add_argument("--num-classes", type=positive_int, default=1000)
+    p.add_argument("--cfg-scale", type=finite_float, nargs="+", default=[1.5],
                    help="guidance scale: one value, or one per factor (visual first)")
-    p.add_argument("--cfg-interval", type=float, default=-1)
+    p.add_argument("--cfg-interval", type=finite_float, default=-1)
     p.add_argument("--sample-dir", type=str, default="samples")
-    p.add_argument("--per-proc-batch-size", type=int, default=None,
+    p.add_argument("--per-proc-batch-size", type=positive_int, default=None,
                    help="images generated at once per process (default: from free GPU memory; 32 on CPU)")
-    p.add_argument("--decode-batch-size", type=int, default=None,
+    p.add_argument("--decode-batch-size", type=positive_int, default=None,
                    help="images decoded at once (default: 128 on GPU, 8 on CPU)")
     p.add_argument("--decode-precision", type=str, default="bf16", choices=["none", "fp16", "bf16"],
                    help="tokenizer decoder autocast dtype on GPU (CPU decodes in fp32)")
@@ -75,13 +77,13 @@ def get_parser(num_factors: int) -> argparse.ArgumentParser:
                    help="torch.compile the decoder (default: as --compile)")
     p.add_argument("--decode-stream", action=argparse.BooleanOptionalAction, default=False,
                    help="decode on a second CUDA stream, overlapping the next batch's generation")
-    p.add_argument("--num-fid-samples", type=int, default=50000)
+    p.add_argument("--num-fid-samples", type=positive_int, default=50000)
     p.add_argument("--global-seed", type=int, default=0)
-    p.add_argument("--top-k", type=int, nargs="+", default=[0], help="one value or one per factor (0: off)")
-    p.add_argument("--temperature", type=float, nargs="+", default=[1.0], help="one value or one per factor")
-    p.add_argument("--top-p", type=float, nargs="+", default=[1.0], help="one value or one per factor")
+    p.add_argument("--top-k", type=nonnegative_int, nargs="+", default=[0], help="one value or one per factor (0: off)")
+    p.add_argument("--temperature", type=positive_float, nargs="+", default=[1.0], help="one value or one per factor")
+    p.add_argument("--top-p", type=unit_float, nargs="+", default=[1.0], help="one value or one per factor")
     p.add_argument("--class-balanced", action="store_true", help="the same number of samples for every class")
-    p.add_argument("--grid-samples", type=int, default=64, help="how many samples the PNG grid shows")
+    p.add_argument("--grid-samples", type=nonnegative_int, default=64, help="how many samples the PNG grid shows")
     p.add_argument("--name", type=str, default=None, help="output name (default: the original's naming)")
     add_unsafe_load_argument(p)
     return p
@@ -173,8 +175,21 @@ def main(argv=None, num_factors: int = 2) -> Path:
                    if k not in ("per_proc_batch_size", "decode_batch_size", "grid_samples", "compile",
                                 "compile_decoder", "channels_last", "decode_stream", "decode_precision")}
     fingerprint["world_size"] = info.world_size
-    writer = ShardedNpzWriter(out, {"arr_0": ((n, size, size, 3), np.uint8), "arr_1": ((n,), np.int64)},
-                              fingerprint)
+    # keyed by the checkpoints' content: one replaced at the same path starts afresh (a moved one resumes)
+    fingerprint.update(gpt_ckpt=checkpoint_digest(args.gpt_ckpt), vq_ckpt=checkpoint_digest(args.vq_ckpt))
+    try:  # one sampling run per output: rank 0 holds <sample-dir>/.<name>.npz.lock until it ends
+        lock = FolderLock(out.parent, "sample output", f".{out.name}.lock") if info.is_main else None  # noqa: F841
+        error = None
+    except FolderInUse as e:
+        error = str(e)
+    error = all_gather_objects(error)[0]
+    if error:
+        sys.exit(f"error: {error}")
+    try:
+        writer = ShardedNpzWriter(out, {"arr_0": ((n, size, size, 3), np.uint8), "arr_1": ((n,), np.int64)},
+                                  fingerprint)
+    except NoSpace as e:
+        sys.exit(f"error: {e}")
     if writer.done:
         print(f"rank {info.rank}: resuming after {writer.done} of its {len(mine)} images, already written")
     todo = mine[writer.done:]
@@ -196,7 +211,10 @@ def main(argv=None, num_factors: int = 2) -> Path:
     seconds = time.perf_counter() - start
     log(f"Rank 0 generated, decoded and wrote {len(todo)} images in {seconds:.1f} s "
         f"({len(todo) / max(seconds, 1e-9):.1f} images/s, compile {'on' if compile else 'off'})")
-    writer.close()
+    try:
+        writer.close()
+    except NoSpace as e:
+        sys.exit(f"error: {e}")
     if info.is_main:
         print(f"Saved {n} samples to {out} (arr_0 images, arr_1 labels)")
         if grid_images and args.grid_samples > 0:
