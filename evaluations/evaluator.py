@@ -97,8 +97,8 @@ def evaluate(ref_path: str, sample_path: str, graph_path: str | os.PathLike | No
     ref_stored, sample_stored = read_precomputed_statistics(ref_path), read_precomputed_statistics(sample_path)
     for label, info, stored in (("reference", ref_info, ref_stored), ("sample", sample_info, sample_stored)):
         if stored is None and info.num_images < FULL_RANK_IMAGES:
-            print(f"warning: the {label} batch {info.path} has {info.num_images} images, fewer than the {FULL_RANK_IMAGES} "
-                  f"features of the Inception pool: its covariance is rank-deficient and FID/sFID from it are not "
+            print(f"warning: the {label} batch {info.path} has {info.num_images} images, fewer than the "
+                  f"{FULL_RANK_IMAGES} features of the Inception pool: its covariance is rank-deficient and FID/sFID from it are not "
                   f"comparable with published numbers (ADM uses 10,000-50,000)", file=sys.stderr)
     graph = find_inception_graph(graph_path)
 

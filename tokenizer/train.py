@@ -119,9 +119,10 @@ def get_parser(preset: str) -> argparse.ArgumentParser:
     arch.add_argument("--adapter-layers", type=int, default=6)
     arch.add_argument("--head-layers", type=int, default=3)
     p.add_argument("--vgg-path", type=str, default=None, help="torchvision vgg16-397923af.pth for LPIPS")
-    p.add_argument("--max-steps", type=nonnegative_int, default=0, help="stop after this many steps (0: run all epochs)")
-    p.add_argument("--image-every", type=nonnegative_int, default=0, help="PNG grid of inputs/reconstructions every N steps "
-                                                              "(default 5 x --log-every)")
+    p.add_argument("--max-steps", type=nonnegative_int, default=0,
+                   help="stop after this many steps (0: run all epochs)")
+    p.add_argument("--image-every", type=nonnegative_int, default=0,
+                   help="PNG grid of inputs/reconstructions every N steps (default 5 x --log-every)")
     p.add_argument("--ema-decay", type=unit_float, default=0.9999)
     add_run_arguments(p)
     return p
@@ -371,6 +372,8 @@ def main(argv=None, preset: str = "dual") -> Optional[Path]:
         t = build(args, preset)
     except BAD_INPUT as e:
         fail(e)
+    except KeyboardInterrupt:  # Ctrl-C before the first step: nothing to save (the stop signal is not set yet)
+        fail("interrupted while setting up the run; no checkpoint was written")
     run, log, device = t.run, t.run.logger, t.run.info.device
     writer = MetricWriter(run.exp_dir / "tensorboard", run.info.is_main, args.wandb, "fqgan-tokenizer",
                           args.exp_name, args, log)

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from utils.distributed import all_gather_objects, barrier, get_rank
-from utils.runfiles import NoSpace, reserve_files, reserve_space
+from utils.runfiles import NoSpace, create_npy, reserve_space
 
 
 class ShardedNpzWriter:
@@ -44,9 +44,11 @@ class ShardedNpzWriter:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(self.parts, ignore_errors=True)
             self.parts.mkdir(parents=True)
-            for name, (shape, dtype) in self.arrays.items():
-                np.lib.format.open_memmap(self.parts / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
-            no_space = reserve_files(self.parts.glob("*.npy"))  # a full disk: one line now, not a SIGBUS later
+            try:  # a full disk: one line now, not a SIGBUS through the memory map later
+                for name, (shape, dtype) in self.arrays.items():
+                    create_npy(self.parts / f"{name}.npy", shape, dtype)
+            except NoSpace as e:
+                no_space = str(e)
             key_file.write_text(json.dumps(key))
         no_space = all_gather_objects(no_space)[0]  # (also the barrier: rank 0 has made the parts)
         if no_space:

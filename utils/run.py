@@ -237,8 +237,8 @@ def save_run_checkpoint(run: Run, pos: Position, payload: Optional[dict[str, Any
             if run.save_format == "safetensors":
                 run.logger.info(f"and its weights to {write_checkpoint(payload, path.with_suffix('.safetensors'))}")
         except OSError as e:  # a full disk (space is reserved first), a read-only folder ...: every rank stops
-            error = f"{e}; the run stops at step {pos.step}" + (f", its last checkpoint is {latest}" if (
-                latest := latest_checkpoint(run.ckpt_dir)) else "")
+            latest = latest_checkpoint(run.ckpt_dir)
+            error = f"{e}; the run stops at step {pos.step}" + (f", its last checkpoint is {latest}" if latest else "")
     error = all_gather_objects(error)[0]  # (also the barrier after the write)
     if error:
         fail(error)

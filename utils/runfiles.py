@@ -70,8 +70,12 @@ class FolderLock:
         self.file.flush()
         _held[key] = self
 
-    def release(self) -> None:
+    def release(self, remove: bool = False) -> None:
+        """Release the lock; with ``remove`` (a finished output, which should look clean) delete the lock file
+        first, while still holding it."""
         if not self.file.closed:
+            if remove:
+                self.path.unlink(missing_ok=True)
             self.file.close()  # closing the descriptor releases the lock
 
 
@@ -89,21 +93,17 @@ def reserve_space(f, nbytes: int, path: str | os.PathLike) -> None:
         # EOPNOTSUPP / EINVAL: the file system cannot preallocate; the write itself will tell
 
 
-def reserve_file(path: str | os.PathLike) -> None:
-    """Allocate the blocks of a sparse file (a new memory-mapped ``.npy``) now: written through a memory map, a
-    block the disk cannot hold is a SIGBUS; here it is NoSpace, one line, before any work."""
-    with open(path, "r+b") as f:
-        reserve_space(f, os.fstat(f.fileno()).st_size, path)
+def create_npy(path: str | os.PathLike, shape: tuple[int, ...], dtype) -> None:
+    """A new ``.npy`` file of ``shape`` and ``dtype`` (zeros) whose blocks are reserved before anything maps it
+    (open it with ``np.load(path, mmap_mode="r+")``). ``np.lib.format.open_memmap`` makes a sparse file: written
+    through the map, a block the disk cannot hold is a SIGBUS; here a full disk is NoSpace, one line, first."""
+    import numpy as np
 
-
-def reserve_files(paths) -> Optional[str]:
-    """reserve_file for each path; the first NoSpace's message, or None when all fit."""
-    try:
-        for path in paths:
-            reserve_file(path)
-    except NoSpace as e:
-        return str(e)
-    return None
+    dtype = np.dtype(dtype)
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_2_0(f, header)
+        reserve_space(f, f.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize, path)
 
 
 def free_bytes(path: str | os.PathLike) -> int:

@@ -178,7 +178,7 @@ def main(argv=None, num_factors: int = 2) -> Path:
     # keyed by the checkpoints' content: one replaced at the same path starts afresh (a moved one resumes)
     fingerprint.update(gpt_ckpt=checkpoint_digest(args.gpt_ckpt), vq_ckpt=checkpoint_digest(args.vq_ckpt))
     try:  # one sampling run per output: rank 0 holds <sample-dir>/.<name>.npz.lock until it ends
-        lock = FolderLock(out.parent, "sample output", f".{out.name}.lock") if info.is_main else None  # noqa: F841
+        lock = FolderLock(out.parent, "sample output", f".{out.name}.lock") if info.is_main else None
         error = None
     except FolderInUse as e:
         error = str(e)
@@ -215,6 +215,8 @@ def main(argv=None, num_factors: int = 2) -> Path:
         writer.close()
     except NoSpace as e:
         sys.exit(f"error: {e}")
+    if lock is not None:
+        lock.release(remove=True)
     if info.is_main:
         print(f"Saved {n} samples to {out} (arr_0 images, arr_1 labels)")
         if grid_images and args.grid_samples > 0:

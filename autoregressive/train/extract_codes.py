@@ -37,10 +37,12 @@ def get_parser(num_factors: int) -> argparse.ArgumentParser:
     p.add_argument("--dataset", type=str, default="imagenet")
     p.add_argument("--image-size", type=positive_int, default=256)
     p.add_argument("--ten-crop", action="store_true", help="store ten crops per image (else centre crop + flip)")
-    p.add_argument("--crop-range", type=positive_float, default=1.1, help="centre crop to image_size * crop_range first")
+    p.add_argument("--crop-range", type=positive_float, default=1.1,
+                   help="centre crop to image_size * crop_range first")
     p.add_argument("--global-seed", type=int, default=0)
     p.add_argument("--num-workers", type=nonnegative_int, default=4)
-    p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (each with all its views)")
+    p.add_argument("--batch-size", type=positive_int, default=16,
+                   help="images per forward pass (each with all its views)")
     p.add_argument("--num-images", type=nonnegative_int, default=0, help="only the first N images (0: all)")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     add_unsafe_load_argument(p)
@@ -74,7 +76,7 @@ def main(argv=None, num_factors: int = 2) -> None:
         dataset = ImageFolderSafe(args.data_path, views_transform(args.image_size, args.ten_crop, args.crop_range),
                                   args.image_size)
         # One extraction per code store: rank 0 holds its lock until the process ends.
-        lock = FolderLock(args.code_path, "code store") if info.is_main else None  # noqa: F841
+        lock = FolderLock(args.code_path, "code store") if info.is_main else None
         error = None
     except (CheckpointError, FileNotFoundError, FolderInUse) as e:
         error = str(e)
@@ -120,4 +122,6 @@ def main(argv=None, num_factors: int = 2) -> None:
     if skipped.item():
         log(f"Skipped {int(skipped.item())} unreadable images")
     log(f"Saved codes of {n - int(skipped.item())} images x {num_views} views to {args.code_path}")
+    if lock is not None:
+        lock.release(remove=True)  # the finished store holds nothing but its files
     cleanup()

@@ -73,7 +73,8 @@ def get_parser(num_factors: int) -> argparse.ArgumentParser:
     p.add_argument("--max-grad-norm", type=nonnegative_float, default=1.0)
     p.add_argument("--global-batch-size", type=positive_int, default=256)
     p.add_argument("--global-seed", type=int, default=0)
-    p.add_argument("--num-workers", type=nonnegative_int, default=4, help="loader workers (the code store rarely needs any)")
+    p.add_argument("--num-workers", type=nonnegative_int, default=4,
+                   help="loader workers (the code store rarely needs any)")
     p.add_argument("--log-every", type=positive_int, default=100)
     p.add_argument("--ckpt-every", type=positive_int, default=5000)
     p.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
@@ -253,6 +254,8 @@ def main(argv=None, num_factors: int = 2) -> Optional[Path]:
         t = build(args, num_factors)
     except BAD_INPUT as e:
         fail(e)
+    except KeyboardInterrupt:  # Ctrl-C before the first step: nothing to save (the stop signal is not set yet)
+        fail("interrupted while setting up the run; no checkpoint was written")
     run, log, device = t.run, t.run.logger, t.run.info.device
     writer = MetricWriter(run.exp_dir / "tensorboard", run.info.is_main, args.wandb, "fqgan-far", args.exp_name,
                           args, log)
