@@ -95,12 +95,13 @@ def evaluate(ref_path: str, sample_path: str, graph_path: str | os.PathLike | No
     # Every check that can fail runs before TensorFlow/torch are imported (seconds) and before any features.
     ref_info, sample_info = check_inputs(ref_path, sample_path, allow_size_mismatch)
     ref_stored, sample_stored = read_precomputed_statistics(ref_path), read_precomputed_statistics(sample_path)
-    for label, info, stored in (("reference", ref_info, ref_stored), ("sample", sample_info, sample_stored)):
-        if stored is None and info.num_images < FULL_RANK_IMAGES:
-            print(f"warning: the {label} batch {info.path} has {info.num_images} images, fewer than the "
-                  f"{FULL_RANK_IMAGES} features of the Inception pool: its covariance is rank-deficient and FID/sFID from it are not "
-                  f"comparable with published numbers (ADM uses 10,000-50,000)", file=sys.stderr)
     graph = find_inception_graph(graph_path)
+    for label, info, stored in (("reference", ref_info, ref_stored), ("sample", sample_info, sample_stored)):
+        if stored is None and info.num_images < FULL_RANK_IMAGES:  # (after the checks: errors stay one line)
+            print(f"warning: the {label} batch {info.path} has {info.num_images} images, fewer than the "
+                  f"{FULL_RANK_IMAGES} features of the Inception pool: its covariance is rank-deficient and "
+                  f"FID/sFID from it are not comparable with published numbers (ADM uses 10,000-50,000)",
+                  file=sys.stderr)
 
     name, why = ("torch", f"--device {device}") if backend == "auto" and device else choose_backend(backend)
     print(f"loading the Inception graph {graph} ({name} backend: {why})...")

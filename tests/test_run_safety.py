@@ -390,7 +390,7 @@ def test_launch_scripts_check_their_counts(env, message, tmp_path):
 
 
 def test_evaluator_warns_for_tiny_batches_and_survives_a_read_only_folder(tmp_path):
-    from test_evaluator import npz_files, photo_crops, write_fake_inception  # noqa: F401
+    from test_evaluator import photo_crops, write_fake_inception
     from evaluations.evaluator import main
 
     graph = write_fake_inception(tmp_path / "graph.pb")

@@ -29,6 +29,7 @@ from tokenizer.models import (FactorizedTokenizer, TokenizerConfig, describe_tok
                               load_tokenizer_weights, preset_factors, tokenizer_checkpoint, tokenizer_config)
 from tokenizer.teachers import (TeacherUnavailableError, Teachers, add_teacher_arguments, load_teachers,
                                 teacher_overrides_from_args)
+from utils.argtypes import nonnegative_float, nonnegative_int, positive_float, positive_int, unit_float
 from utils.checkpoint import extract_weights
 from utils.data import ImageFolderSafe, ResumableSampler, collate_train, train_transform
 from utils.distributed import is_distributed
@@ -37,7 +38,6 @@ from utils.images import save_grid
 from utils.logging import MetricWriter
 from utils.progress import MetricAverager, Throughput, report
 from utils.rng import seed_everything
-from utils.argtypes import nonnegative_float, nonnegative_int, positive_float, positive_int, unit_float
 from utils.run import (Checkpoints, Position, Run, StopSignal, add_run_arguments, check_resumed_flags,
                        epoch_batches, fail, find_resume, finish_run, restore_position, save_run_checkpoint,
                        start_run)

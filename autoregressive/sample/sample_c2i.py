@@ -28,8 +28,8 @@ from tqdm import tqdm
 from autoregressive.models import FAR_models, describe_far, load_far
 from autoregressive.sample.pipeline import ImageDecoder, auto_batch_size, sample_images
 from tokenizer.models import check_tokenizer_flags, describe_tokenizer, load_tokenizer
-from utils.checkpoint import CheckpointError, add_unsafe_load_argument, weight_preference
 from utils.argtypes import finite_float, nonnegative_int, positive_float, positive_int, unit_float
+from utils.checkpoint import CheckpointError, add_unsafe_load_argument, weight_preference
 from utils.data import rank_shard
 from utils.distributed import all_gather_objects, cleanup, init_distributed
 from utils.images import save_grid

@@ -17,8 +17,8 @@ from tqdm import tqdm
 
 from autoregressive.data.code_store import CodeStoreWriter
 from tokenizer.models import check_tokenizer_flags, describe_tokenizer, load_tokenizer
-from utils.checkpoint import CheckpointError, add_unsafe_load_argument, weight_preference
 from utils.argtypes import nonnegative_int, positive_float, positive_int
+from utils.checkpoint import CheckpointError, add_unsafe_load_argument, weight_preference
 from utils.data import ImageFolderSafe, center_crop_arr, eval_batches, rank_shard, to_model_range
 from utils.distributed import all_gather_objects, all_reduce_sum, cleanup, init_distributed
 from utils.runfiles import FolderInUse, FolderLock, NoSpace, checkpoint_digest

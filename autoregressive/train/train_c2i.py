@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from autoregressive.data.code_store import CodeDataset, collate_codes
 from autoregressive.models import FAR, FAR_models, describe_far, far_checkpoint, far_config, load_far_weights
 from autoregressive.models.far import FARConfig, TransformerBlock
+from utils.argtypes import nonnegative_float, nonnegative_int, positive_float, positive_int, unit_float
 from utils.checkpoint import extract_weights
 from utils.data import ResumableSampler
 from utils.distributed import is_distributed
@@ -31,7 +32,6 @@ from utils.factors import preset_name
 from utils.logging import MetricWriter
 from utils.progress import MetricAverager, Throughput, report
 from utils.rng import seed_everything
-from utils.argtypes import nonnegative_float, nonnegative_int, positive_float, positive_int, unit_float
 from utils.run import (Checkpoints, Position, Run, StopSignal, add_run_arguments, check_resumed_flags,
                        epoch_batches, fail, find_resume, finish_run, restore_position, save_run_checkpoint,
                        start_run)
