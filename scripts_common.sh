@@ -16,6 +16,20 @@ MASTER_ADDR=${MASTER_ADDR:-localhost}
 if [ -z "${NPROC_PER_NODE:-}" ]; then
   NPROC_PER_NODE=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))" 2>/dev/null || echo 1)
 fi
+# check_count NAME MIN: the variable NAME must be a whole number >= MIN (one line and exit 2 otherwise), checked
+# here before any bash arithmetic or torchrun sees it.
+check_count() {
+  local value=${!1}
+  if ! [[ "$value" =~ ^[0-9]+$ ]] || [ "$((10#$value))" -lt "$2" ]; then
+    echo "error: $1=$value: expected a whole number >= $2" >&2
+    exit 2
+  fi
+}
+check_count NNODES 1
+check_count NPROC_PER_NODE 1
+check_count NODE_RANK 0
+[ "$NODE_RANK" -lt "$NNODES" ] || { echo "error: NODE_RANK=$NODE_RANK: must be below NNODES=$NNODES" >&2; exit 2; }
+if [ -n "${MASTER_PORT:-}" ]; then check_count MASTER_PORT 1; fi
 # launch PORT SCRIPT ARGS...: torchrun SCRIPT (relative to the repository); one CPU, one GPU node or many nodes
 launch() {
   local port=$1; shift
@@ -39,10 +53,18 @@ flag_value() {
 # prints the resulting split on stderr.
 recipe_accumulation() {
   local global=$1 per_pass=$2; shift 2
+  if ! [[ "$global" =~ ^[0-9]+$ ]] || [ "$global" -lt 1 ]; then
+    echo "error: --global-batch-size $global: expected a whole number >= 1" >&2
+    exit 2
+  fi
   local world=$((NNODES * NPROC_PER_NODE))
   local accum=$(( global / (world * per_pass) ))
   [ "$accum" -ge 1 ] || accum=1
   accum=$(flag_value --gradient-accumulation-steps "$accum" "$@")
+  if ! [[ "$accum" =~ ^[0-9]+$ ]] || [ "$accum" -lt 1 ]; then
+    echo "error: --gradient-accumulation-steps $accum: expected a whole number >= 1" >&2
+    exit 2
+  fi
   echo "batch: $global images per step = $world processes x $accum accumulation steps x" \
        "$(( global / (world * accum) )) images per forward pass (the recipe: $per_pass)" >&2
   echo "$accum"

@@ -30,13 +30,16 @@ if __name__ == "__main__":
     _here = str(Path(__file__).resolve().parent)
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
 
-import numpy as np
 
 from evaluations import metrics
 from evaluations.inception import BACKENDS, choose_backend, file_sha256, find_inception_graph, open_backend
 from evaluations.npz_stream import (EvaluatorInputError, ImageArrayInfo, iter_batches, num_batches,
                                     read_precomputed_statistics, validate_images)
 from evaluations.scoring import EvalResult, reference_statistics, score
+from utils.argtypes import positive_int
+
+
+FULL_RANK_IMAGES = 2048  # the pool features' width: fewer images cannot give a full-rank covariance
 
 
 def result_path(sample_path: str | os.PathLike) -> Path:
@@ -64,9 +67,15 @@ def evaluate(ref_path: str, sample_path: str, graph_path: str | os.PathLike | No
     torch under auto), ``batch_size`` defaults to the backend's (64 on a CPU, 500 on a GPU)."""
     # Every check that can fail runs before TensorFlow/torch are imported (seconds) and before any features.
     ref_info, sample_info = check_inputs(ref_path, sample_path, allow_size_mismatch)
-    read_precomputed_statistics(ref_path)  # half-stored statistics fail here, not after the features
+    ref_stored = read_precomputed_statistics(ref_path)  # half-stored statistics fail here, not after the features
     sample_stored = read_precomputed_statistics(sample_path)
     graph = find_inception_graph(graph_path)
+    for label, info, stored in (("reference", ref_info, ref_stored), ("sample", sample_info, sample_stored)):
+        if stored is None and info.num_images < FULL_RANK_IMAGES:  # (after the checks: errors stay one line)
+            print(f"warning: the {label} batch {info.path} has {info.num_images} images, fewer than the "
+                  f"{FULL_RANK_IMAGES} features of the Inception pool: its covariance is rank-deficient and "
+                  f"FID/sFID from it are not comparable with published numbers (ADM uses 10,000-50,000)",
+                  file=sys.stderr)
 
     name, why = ("torch", f"--device {device}") if backend == "auto" and device else choose_backend(backend)
     print(f"loading the Inception graph {graph} ({name} backend: {why})...")
@@ -94,13 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "missing, else tf")
     parser.add_argument("--device", default=None,
                         help="torch backend's device, e.g. cuda, cuda:1, cpu (default: cuda if available)")
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="images per Inception forward pass (default: 64 on a CPU, 500 on a GPU)")
     parser.add_argument("--allow-size-mismatch", action="store_true",
                         help="evaluate even if reference and sample images differ in size")
     args = parser.parse_args(argv)
-    if args.batch_size is not None and args.batch_size < 1:
-        parser.error("--batch-size must be positive")
     if args.device and args.backend == "tf":
         parser.error("--device applies to --backend torch only")
     try:
@@ -111,7 +118,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print("\n".join(result.lines()))
     out = result_path(args.sample_batch)
-    out.write_text("\n".join(result.lines()) + "\n")
+    try:
+        out.write_text("\n".join(result.lines()) + "\n")
+    except OSError as e:  # a read-only sample folder: the numbers above are the result
+        print(f"warning: could not write {out} ({e.strerror or e}); the numbers are printed above", file=sys.stderr)
+        return 0
     print(f"wrote {out}")
     return 0
 

@@ -12,12 +12,11 @@ import sys
 
 
 import torch
-from PIL import Image
 
 from tokenizer.models import load_tokenizer
 from utils.checkpoint import CheckpointError, add_unsafe_load_argument
 from utils.data import center_crop_arr, to_model_range
-from utils.images import save_grid
+from utils.images import open_rgb, save_grid
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -43,8 +42,7 @@ def main(argv=None) -> None:
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     try:
-        with Image.open(args.image) as im:
-            img = center_crop_arr(im.convert("RGB"), args.image_size)
+        img = center_crop_arr(open_rgb(args.image), args.image_size)
     except (OSError, ValueError) as e:
         sys.exit(f"error: --image {args.image}: cannot read it ({e})")
     x = to_model_range(img)[None].to(args.device)

@@ -29,7 +29,8 @@ from tokenizer.models import (FactorizedTokenizer, TokenizerConfig, describe_tok
                               load_tokenizer_weights, preset_factors, tokenizer_checkpoint, tokenizer_config)
 from tokenizer.teachers import (TeacherUnavailableError, Teachers, add_teacher_arguments, load_teachers,
                                 teacher_overrides_from_args)
-from utils.checkpoint import extract_weights, load_file
+from utils.argtypes import nonnegative_float, nonnegative_int, positive_float, positive_int, unit_float
+from utils.checkpoint import extract_weights
 from utils.data import ImageFolderSafe, ResumableSampler, collate_train, train_transform
 from utils.distributed import is_distributed
 from utils.ema import requires_grad, update_ema
@@ -37,12 +38,17 @@ from utils.images import save_grid
 from utils.logging import MetricWriter
 from utils.progress import MetricAverager, Throughput, report
 from utils.rng import seed_everything
-from utils.run import (Checkpoints, Position, Run, StopSignal, add_run_arguments, epoch_batches, fail, find_resume,
-                       finish_run, restore_position, save_run_checkpoint, start_run)
+from utils.run import (Checkpoints, Position, Run, StopSignal, add_run_arguments, check_resumed_flags,
+                       epoch_batches, fail, find_resume, finish_run, restore_position, save_run_checkpoint,
+                       start_run)
 from utils.steps import (NonFiniteGuard, accumulation, autocast_context, frozen, fused_kwargs, grad_scaler,
                          optimizer_step)
 
 BAD_INPUT = (ValueError, FileNotFoundError, TeacherUnavailableError)  # one-line errors, raised by build()
+# Flags a resumed run may not change: the saved data position and weights would be read with another meaning.
+RESUME_FIXED = ("global_batch_size", "image_size", "global_seed", "vq_model", "codebook_size", "codebook_embed_dim",
+                "ch", "ch_mult", "num_res_blocks", "z_channels", "adapter_layers", "head_layers",
+                "with_clip_supervision", "disc_type")
 
 
 def get_parser(preset: str) -> argparse.ArgumentParser:
@@ -75,23 +81,23 @@ def get_parser(preset: str) -> argparse.ArgumentParser:
                    help="torch.compile the tokenizer, LPIPS and the discriminator")
     p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
                    help="channels-last memory layout for the convolutions (auto: on CUDA)")
-    p.add_argument("--dropout-p", type=float, default=0.0)
+    p.add_argument("--dropout-p", type=unit_float, default=0.0)
     p.add_argument("--results-dir", type=str, default="results_tokenizer_image")
     p.add_argument("--exp-name", type=str, required=True)
     p.add_argument("--dataset", type=str, default="imagenet")
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--image-size", type=positive_int, default=256)
+    p.add_argument("--epochs", type=positive_int, default=40)
+    p.add_argument("--lr", type=positive_float, default=1e-4)
     p.add_argument("--weight-decay", type=float, default=5e-2, help="accepted; Adam without decay, as the original")
     p.add_argument("--beta1", type=float, default=0.9)
     p.add_argument("--beta2", type=float, default=0.95)
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
-    p.add_argument("--global-batch-size", type=int, default=128)
+    p.add_argument("--max-grad-norm", type=nonnegative_float, default=1.0, help="0 disables clipping")
+    p.add_argument("--global-batch-size", type=positive_int, default=128)
     p.add_argument("--global-seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=16)
-    p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--ckpt-every", type=int, default=5000)
-    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    p.add_argument("--num-workers", type=nonnegative_int, default=16)
+    p.add_argument("--log-every", type=positive_int, default=100)
+    p.add_argument("--ckpt-every", type=positive_int, default=5000)
+    p.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
     p.add_argument("--mixed-precision", type=str, default="bf16", choices=["none", "fp16", "bf16"],
                    help="autocast dtype on GPU (CPU runs fp32)")
     p.add_argument("--with_clip_supervision", action="store_true", help="feature heads + semantic teachers")
@@ -103,7 +109,7 @@ def get_parser(preset: str) -> argparse.ArgumentParser:
     p.add_argument("--disentanglement-ratio", type=float, default=0.1)
     # this project's additions
     add_teacher_arguments(p, preset_factors(preset))
-    p.add_argument("--teacher-image-size", type=int, default=224, help="input size of the semantic teachers")
+    p.add_argument("--teacher-image-size", type=positive_int, default=224, help="input size of the semantic teachers")
     arch = p.add_argument_group("architecture (defaults: the paper's; smaller values for CPU runs and tests)")
     arch.add_argument("--ch", type=int, default=128, help="base channels of the conv encoder/decoder")
     arch.add_argument("--ch-mult", type=str, default=None,
@@ -113,10 +119,11 @@ def get_parser(preset: str) -> argparse.ArgumentParser:
     arch.add_argument("--adapter-layers", type=int, default=6)
     arch.add_argument("--head-layers", type=int, default=3)
     p.add_argument("--vgg-path", type=str, default=None, help="torchvision vgg16-397923af.pth for LPIPS")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: run all epochs)")
-    p.add_argument("--image-every", type=int, default=0, help="PNG grid of inputs/reconstructions every N steps "
-                                                              "(default 5 x --log-every)")
-    p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--max-steps", type=nonnegative_int, default=0,
+                   help="stop after this many steps (0: run all epochs)")
+    p.add_argument("--image-every", type=nonnegative_int, default=0,
+                   help="PNG grid of inputs/reconstructions every N steps (default 5 x --log-every)")
+    p.add_argument("--ema-decay", type=unit_float, default=0.9999)
     add_run_arguments(p)
     return p
 
@@ -198,9 +205,13 @@ def build(args, preset: str) -> Trainer:
     run = start_run(args, args.vq_model)
     device, world, log = run.info.device, run.info.world_size, run.logger
 
-    # The checkpoint to resume from is read first: its learned positions fix the model's base image size.
-    resume_path = find_resume(args.vq_ckpt, args.auto_resume, run.ckpt_dir)
-    ckpt = load_file(resume_path) if resume_path else None
+    # The checkpoint to resume from is read first: its learned positions fix the model's base image size. The run
+    # folder's own checkpoints win over --vq-ckpt / --finetune, which only seed a fresh run.
+    resume = find_resume(args.vq_ckpt, run, "--vq-ckpt")
+    resume_path, ckpt = resume.path, resume.ckpt
+    finetune = args.finetune and not resume.own
+    if ckpt is not None and not finetune:
+        check_resumed_flags(ckpt, args, RESUME_FIXED, resume_path, log)
     weights = extract_weights(ckpt, resume_path, prefer=("model", "ema", "state_dict"))[0] if ckpt else None
     config = build_config(args, preset, infer_tokenizer_config(weights, resume_path).base_image_size
                           if weights else args.image_size)
@@ -256,20 +267,20 @@ def build(args, preset: str) -> Trainer:
 
     start, bad_images = Position(), 0
     if ckpt is not None:
-        load_tokenizer_weights(model, weights, resume_path, allow_missing_heads=args.finetune)
+        load_tokenizer_weights(model, weights, resume_path, allow_missing_heads=finetune)
         if ema is not None:
-            load_tokenizer_weights(ema, ckpt.get("ema") or weights, resume_path, allow_missing_heads=args.finetune)
+            load_tokenizer_weights(ema, ckpt.get("ema") or weights, resume_path, allow_missing_heads=finetune)
         for name, obj in (("optimizer", optimizer), ("discriminator", disc), ("optimizer_disc", optimizer_disc)):
             if name in ckpt:
                 obj.load_state_dict(ckpt[name])
             else:
                 log.warning(f"{resume_path} has no '{name}'; it starts fresh")
-        if not args.finetune:
+        if not finetune:
             start, state = restore_position(ckpt, sampler.batches_per_epoch,
                                             {"scaler": scaler, "scaler_disc": scaler_disc}, log)
             bad_images = state.get("bad_images", 0)
         log.info(f"Resumed from {resume_path}: step {start.step}, epoch {start.epoch}, batch {start.batch}"
-                 + (" (finetune: step counter reset)" if args.finetune else ""))
+                 + (" (finetune: step counter reset)" if finetune else ""))
     elif ema is not None:
         update_ema(ema, model, decay=0)
 
@@ -361,6 +372,8 @@ def main(argv=None, preset: str = "dual") -> Optional[Path]:
         t = build(args, preset)
     except BAD_INPUT as e:
         fail(e)
+    except KeyboardInterrupt:  # Ctrl-C before the first step: nothing to save (the stop signal is not set yet)
+        fail("interrupted while setting up the run; no checkpoint was written")
     run, log, device = t.run, t.run.logger, t.run.info.device
     writer = MetricWriter(run.exp_dir / "tensorboard", run.info.is_main, args.wandb, "fqgan-tokenizer",
                           args.exp_name, args, log)
@@ -368,7 +381,7 @@ def main(argv=None, preset: str = "dual") -> Optional[Path]:
         (run.exp_dir / "images").mkdir(parents=True, exist_ok=True)
     image_every = args.image_every or 5 * args.log_every
     throughput, averager = Throughput(device), MetricAverager(device)
-    guard, stop = NonFiniteGuard(device, args.max_nonfinite_steps), StopSignal()
+    guard, stop = NonFiniteGuard(device, args.max_nonfinite_steps), StopSignal(args.stop_timeout)
 
     log.info(f"Training for {args.epochs} epochs ({t.total_steps - t.start.step} steps to go)...")
     pos, error, checkpoints = t.start, None, Checkpoints(t.save, args.ckpt_every, t.start)

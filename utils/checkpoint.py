@@ -341,15 +341,27 @@ class LoadedFrom:
 # ------------------------------------------------------------------------------------------------------------
 # Writing
 # ------------------------------------------------------------------------------------------------------------
-def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], size: int) -> Path:
+    """Write through ``write`` to a temporary file beside ``path``, then rename it over ``path``. ``size`` bytes
+    (an estimate) are reserved first, so a full disk is one line before anything is written; the file gets the
+    permissions ``open`` would give it (the umask), not mkstemp's 0600."""
+    from utils.runfiles import reserve_space, umask_mode
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, umask_mode())
+        reserve_space(fd, size, path)
         with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+            try:
+                write(f)
+                f.truncate(f.tell())  # give back what the estimate reserved beyond the end
+                f.flush()
+                os.fsync(f.fileno())
+            except (OSError, RuntimeError) as e:  # torch's "unexpected pos", ENOSPC past the estimate ...
+                raise OSError(f"{path}: writing failed after {f.tell():,} bytes ({_first_line(e)}); "
+                              f"{path} itself is untouched") from None
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -358,8 +370,26 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) ->
     return path
 
 
+def saved_size(obj: Any) -> int:
+    """About how many bytes ``torch.save(obj)`` writes: its tensors' storages (each once) plus room for the
+    pickled structure and the zip records."""
+    seen, total, stack = set(), 0, [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            storage = x.untyped_storage()
+            if storage.data_ptr() not in seen or storage.nbytes() == 0:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes() + 128
+        elif isinstance(x, Mapping):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+    return total + (1 << 20)
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    return _atomic_write(path, lambda f: torch.save(obj, f))
+    return _atomic_write(path, lambda f: torch.save(obj, f), saved_size(obj))
 
 
 def save_weights_file(path: str | os.PathLike, weights: Mapping[str, torch.Tensor],
@@ -371,8 +401,8 @@ def save_weights_file(path: str | os.PathLike, weights: Mapping[str, torch.Tenso
     meta = {"format": "pt", "weights": which or "model"}
     if config is not None:
         meta["config"] = json.dumps(config)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
-    return _atomic_write(path, lambda f: f.write(save(tensors, metadata=meta)))
+    data = save({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, metadata=meta)
+    return _atomic_write(path, lambda f: f.write(data), len(data))
 
 
 def write_checkpoint(ckpt: Mapping[str, Any], path: str | os.PathLike, save_format: Optional[str] = None,

@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from utils.images import open_rgb
+
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -61,21 +63,59 @@ def to_model_range(img: Image.Image) -> torch.Tensor:
     return arr.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
+def _visible(name: str) -> bool:
+    return not name.startswith(".")  # hidden files and folders (.DS_Store, .ipynb_checkpoints, ._x.jpg ...)
+
+
+def _walk_images(top: Path, seen_dirs: set, seen_files: set, notes: list[str]) -> list[str]:
+    """Image files under ``top``, sorted, following links: each folder (by device and inode) entered once, so a
+    link that loops back (to ``top``, the root or another class) is noted and skipped; each file listed once."""
+    found = []
+    for entry in sorted(os.scandir(top), key=lambda e: e.name):
+        if not _visible(entry.name):
+            continue
+        try:
+            st = os.stat(entry.path)  # through links
+        except OSError:
+            notes.append(f"{entry.path}: broken link, skipped")
+            continue
+        ident = (st.st_dev, st.st_ino)
+        if entry.is_dir():
+            if ident in seen_dirs:
+                notes.append(f"{entry.path}: links to a folder already listed (a loop or another class), skipped")
+                continue
+            seen_dirs.add(ident)
+            found += _walk_images(Path(entry.path), seen_dirs, seen_files, notes)
+        elif is_image_file(entry.name) and ident not in seen_files:
+            seen_files.add(ident)
+            found.append(entry.path)
+    return found
+
+
 def find_images(root: str | os.PathLike) -> tuple[list[tuple[str, int]], list[str]]:
     """ImageFolder discovery: (path, class index) for every image under ``root/<class>/``, sorted, and the
-    sorted class names. Images directly under ``root`` (no class folders) get class 0."""
+    sorted class names. Images directly under ``root`` (no class folders) get class 0. The list is what a user
+    sees: hidden files and folders are left out, links are followed but a folder is entered once (a link that
+    loops is skipped with a warning, instead of multiplying images under the wrong class) and each file is
+    listed once, under the first class that holds it."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"--data-path {root}: no such folder")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and _visible(d.name))
     samples: list[tuple[str, int]] = []
+    notes: list[str] = []
+    seen_files: set = set()
     if classes:
+        # the root and every class folder count as entered from the start: a link to one of them is a loop
+        seen_dirs = {(st.st_dev, st.st_ino) for st in [os.stat(root)] + [os.stat(root / c) for c in classes]}
         for ci, c in enumerate(classes):
-            for dirpath, _, files in sorted(os.walk(root / c, followlinks=True)):
-                samples += [(os.path.join(dirpath, f), ci) for f in sorted(files) if is_image_file(f)]
+            samples += [(f, ci) for f in _walk_images(root / c, seen_dirs, seen_files, notes)]
     else:
-        samples = [(str(p), 0) for p in sorted(root.iterdir()) if is_image_file(p.name)]
+        samples = [(str(p), 0) for p in sorted(root.iterdir()) if is_image_file(p.name) and _visible(p.name)
+                   and p.is_file()]
         classes = [""]
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
     if not samples:
         raise FileNotFoundError(f"--data-path {root}: no images found (expected <root>/<class>/<image>)")
     return samples, classes
@@ -113,11 +153,7 @@ class ImageFolderSafe(Dataset):
     def _load(self, index: int):
         path, label = self.samples[index]
         rng = random.Random(hash((self.seed, self.epoch, index)) & 0xFFFFFFFF)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # PIL's "truncated" / "palette" warnings
-            with Image.open(path) as im:
-                img = im.convert("RGB")
-        return self.transform(img, rng), label
+        return self.transform(open_rgb(path), rng), label
 
     def __getitem__(self, index: int):
         tries = self.max_fallbacks if self.fallback else 1
@@ -225,5 +261,13 @@ def epoch_loader(dataset, sampler, batch_size: int, num_workers: int, collate_fn
     would shift dropout masks after a resume."""
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
                                        num_workers=num_workers, collate_fn=collate_fn,
-                                       pin_memory=device.type == "cuda",
+                                       pin_memory=device.type == "cuda", worker_init_fn=ignore_interrupt,
                                        generator=torch.Generator().manual_seed(seed))
+
+
+def ignore_interrupt(worker_id: int) -> None:
+    """Loader workers ignore SIGINT: a terminal's Ctrl-C reaches them too, and a worker that dies of it would
+    break the step the main process is finishing before its checkpoint (see utils.run.StopSignal)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

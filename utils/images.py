@@ -33,3 +33,56 @@ def save_grid(images: torch.Tensor | Sequence[torch.Tensor], path: str | os.Path
     grid = make_grid(images, nrow)
     Image.fromarray(grid).save(path)
     return grid
+
+
+# ------------------------------------------------------------------------------------------------------------
+# reading: every image as the 8-bit RGB a viewer shows
+# ------------------------------------------------------------------------------------------------------------
+BACKGROUND = (255, 255, 255)  # what transparent pixels are composited over (as a viewer on a white page shows)
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit (and 32-bit integer) grey, full 16-bit range
+
+
+class UnreadableImage(ValueError):
+    """An image whose pixels cannot be turned into RGB faithfully (one-line message)."""
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image -> its true 8-bit RGB, the one home of this rule for training, reference batches, extraction
+    and reconstruction. PIL's own ``convert("RGB")`` clips 16-bit grey to 255 (a 16-bit PNG comes out almost
+    white) and drops transparency, showing whatever colour hides under transparent pixels. Here:
+
+    * 16-bit grey (``I;16*``, and ``I``, which PIL uses for 16-bit PNGs) is scaled 65535 -> 255, rounded;
+    * 1-bit, grey, palette, CMYK and YCbCr images convert as PIL does (a palette with a transparent entry is
+      first expanded to RGBA);
+    * transparency (``LA``, ``RGBA``, ``PA``, premultiplied ``La``/``RGBa``) is composited over white;
+    * float images (``F``) and anything else PIL cannot convert are refused (UnreadableImage)."""
+    mode = img.mode
+    if mode in WIDE_MODES:
+        arr = np.asarray(img).astype(np.int64)
+        arr = np.clip((arr * 255 + 32767) // 65535, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if mode == "F":
+        raise UnreadableImage("floating-point pixels (mode F) have no defined 8-bit range")
+    if mode == "P" and "transparency" in img.info:
+        img, mode = img.convert("RGBA"), "RGBA"
+    if mode in ("La", "RGBa"):
+        img, mode = img.convert("RGBA" if mode == "RGBa" else "LA"), ("RGBA" if mode == "RGBa" else "LA")
+    if mode in ("LA", "PA", "RGBA") or (mode in ("L", "RGB") and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        out = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        out.alpha_composite(rgba)
+        return out.convert("RGB")
+    try:  # (a copy also for RGB: the caller may close the file behind ``img``)
+        return img.convert("RGB")
+    except (ValueError, OSError) as e:
+        raise UnreadableImage(f"PIL cannot convert mode {mode} to RGB ({e})") from None
+
+
+def open_rgb(path: str | os.PathLike) -> Image.Image:
+    """Read an image file as its true 8-bit RGB (see to_rgb); PIL's warnings (truncated, palette) are silenced."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Image.open(path) as im:
+            return to_rgb(im)

@@ -7,6 +7,7 @@ Like the original PNG-folder approach, ranks on several nodes need a shared file
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -16,7 +17,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from utils.distributed import barrier, get_rank
+from utils.distributed import all_gather_objects, barrier, get_rank
+from utils.runfiles import NoSpace, create_npy, reserve_space
 
 
 class ShardedNpzWriter:
@@ -36,15 +38,21 @@ class ShardedNpzWriter:
         self.arrays = {k: (tuple(s), np.dtype(d)) for k, (s, d) in arrays.items()}
         key = {"arrays": {k: [list(s), d.str] for k, (s, d) in self.arrays.items()}, "fingerprint": fingerprint}
         key_file = self.parts / "key.json"
+        no_space = None
         if get_rank() == 0 and not (fingerprint is not None and key_file.is_file()
                                     and json.loads(key_file.read_text()) == key):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(self.parts, ignore_errors=True)
             self.parts.mkdir(parents=True)
-            for name, (shape, dtype) in self.arrays.items():
-                np.lib.format.open_memmap(self.parts / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
+            try:  # a full disk: one line now, not a SIGBUS through the memory map later
+                for name, (shape, dtype) in self.arrays.items():
+                    create_npy(self.parts / f"{name}.npy", shape, dtype)
+            except NoSpace as e:
+                no_space = str(e)
             key_file.write_text(json.dumps(key))
-        barrier()
+        no_space = all_gather_objects(no_space)[0]  # (also the barrier: rank 0 has made the parts)
+        if no_space:
+            raise NoSpace(errno.ENOSPC, no_space)
         self.maps = {name: np.load(self.parts / f"{name}.npy", mmap_mode="r+") for name in self.arrays}
         self.progress_file = self.parts / f"done_{get_rank():05d}.json"
         self.done = json.loads(self.progress_file.read_text())["done"] if self.progress_file.is_file() else 0
@@ -83,11 +91,19 @@ class ShardedNpzWriter:
             shutil.rmtree(self.parts, ignore_errors=True)
         elif get_rank() == 0:
             tmp = self.path.with_name(f".{self.path.name}.tmp")
-            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-                for name in members:
-                    with open(self.parts / f"{name}.npy", "rb") as src, \
-                            zf.open(f"{name}.npy", "w", force_zip64=True) as dst:
-                        shutil.copyfileobj(src, dst, 16 << 20)
+            size = sum((self.parts / f"{name}.npy").stat().st_size + 4096 for name in members)
+            try:
+                with open(tmp, "wb") as f:
+                    reserve_space(f, size, self.path)  # a full disk: one line, the parts are kept for a rerun
+                    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+                        for name in members:
+                            with open(self.parts / f"{name}.npy", "rb") as src, \
+                                    zf.open(f"{name}.npy", "w", force_zip64=True) as dst:
+                                shutil.copyfileobj(src, dst, 16 << 20)
+                    f.truncate(f.tell())
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
             os.replace(tmp, self.path)
             shutil.rmtree(self.parts, ignore_errors=True)
         barrier()

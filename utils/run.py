@@ -1,14 +1,17 @@
-"""A training run's frame, shared by the tokenizer and FAR loops: process group and experiment folder, the
-position in the data (what a checkpoint resumes from), checkpoints written collectively, and stopping on a
-preemption signal."""
+"""A training run's frame, shared by the tokenizer and FAR loops: process group and experiment folder (locked:
+one run per folder), the position in the data (what a checkpoint resumes from), checkpoints written
+collectively, and stopping on a preemption signal or Ctrl-C."""
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import shlex
 import signal
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn, Optional
@@ -16,11 +19,15 @@ from typing import Any, Callable, Iterator, NoReturn, Optional
 import torch
 import torch.distributed as dist
 
-from utils.checkpoint import SAVE_FORMATS, add_unsafe_load_argument, atomic_save, write_checkpoint
+from utils.argtypes import nonnegative_int, positive_float
+from utils.checkpoint import (SAVE_FORMATS, CheckpointError, add_unsafe_load_argument, atomic_save, load_file,
+                              write_checkpoint)
 from utils.data import epoch_loader
-from utils.distributed import DistInfo, barrier, cleanup, get_world_size, init_distributed, is_distributed
+from utils.distributed import (DistInfo, all_gather_objects, cleanup, get_world_size, init_distributed,
+                               is_distributed)
 from utils.logging import create_logger
 from utils.rng import gather_rng_states, restore_rng_state, seed_everything
+from utils.runfiles import FolderInUse, FolderLock, remove_stale_temporaries
 
 CKPT_RE = re.compile(r"^(?P<step>\d+)\.pt$")
 
@@ -36,12 +43,15 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--auto-resume", action="store_true", help="resume from the newest checkpoint of this run")
     p.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (if installed)")
-    p.add_argument("--max-nonfinite-steps", type=int, default=100,
+    p.add_argument("--max-nonfinite-steps", type=nonnegative_int, default=100,
                    help="stop after this many optimizer steps in a row skipped for a NaN/inf loss or gradient "
                         "(0: never)")
     p.add_argument("--save-format", choices=SAVE_FORMATS, default="pt",
                    help="safetensors: beside each NNNNNNN.pt also write NNNNNNN.safetensors (the 'model' weights "
                         "and the config only; resuming needs the .pt)")
+    p.add_argument("--stop-timeout", type=positive_float, default=300.0,
+                   help="after a stop signal, seconds the step in progress may take before the run exits without "
+                        "a checkpoint (a stuck data read)")
     add_unsafe_load_argument(p)
 
 
@@ -50,12 +60,18 @@ def experiment_dir(results_dir: str, model_name: str, exp_name: str) -> Path:
     return Path(results_dir) / f"{model_name.replace('/', '-')}-{exp_name}"
 
 
-def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
-    """The checkpoint with the highest step number in ``ckpt_dir`` (files named ``0005000.pt``), if any."""
+def run_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """The checkpoints in ``ckpt_dir`` (files named ``0005000.pt``), newest (highest step) first."""
     if not ckpt_dir.is_dir():
-        return None
+        return []
     found = [(int(m["step"]), p) for p in ckpt_dir.iterdir() for m in [CKPT_RE.match(p.name)] if m]
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
+    """The checkpoint with the highest step number in ``ckpt_dir``, if any."""
+    found = run_checkpoints(ckpt_dir)
+    return found[0] if found else None
 
 
 @dataclass
@@ -68,6 +84,7 @@ class Run:
     logger: logging.Logger
     save: bool = True  # False with --no-local-save
     save_format: str = "pt"  # "safetensors": also a weights-only copy of every checkpoint
+    lock: Optional[FolderLock] = None  # rank 0's lock on exp_dir, held for the process's lifetime
 
     @property
     def ckpt_dir(self) -> Path:
@@ -90,19 +107,80 @@ def start_run(args, model_name: str) -> Run:
              f"{accum} accumulation steps")
     seed_everything(args.global_seed)
     exp_dir = experiment_dir(args.results_dir, model_name, args.exp_name)
+    # One run per folder: rank 0 locks it before anything is written there (log.txt, metrics, checkpoints); a
+    # second run into it stops here, every rank with the same line.
+    lock, error = None, None
+    if info.is_main:
+        try:
+            lock = FolderLock(exp_dir, "run folder")
+        except FolderInUse as e:
+            error = str(e)
+    error = all_gather_objects(error)[0]
+    if error:
+        fail(error)
     logger = create_logger(exp_dir if info.is_main else None, info.is_main)
     logger.info(f"Experiment directory: {exp_dir}")
     logger.info(f"{args}")
+    if info.is_main:
+        for stale in remove_stale_temporaries(exp_dir / "checkpoints"):
+            logger.info(f"Removed {stale}, left by an interrupted save")
     return Run(info, accum, args.global_batch_size // (world * accum), exp_dir, logger, not args.no_local_save,
-               args.save_format)
+               args.save_format, lock)
 
 
-def find_resume(explicit: Optional[str], auto: bool, ckpt_dir: Path) -> Optional[str]:
-    """The checkpoint to resume from: the one named on the command line, else with ``auto`` the run's newest."""
-    if explicit or not auto:
-        return explicit
-    latest = latest_checkpoint(ckpt_dir)
-    return str(latest) if latest else None
+@dataclass
+class Resume:
+    """What a run starts from: nothing, a checkpoint of its own folder, or one named on the command line."""
+    path: Optional[str] = None
+    ckpt: Optional[dict[str, Any]] = None
+    own: bool = False  # one of this run folder's checkpoints: always resumed exactly (never a fine-tune seed)
+
+
+def find_resume(explicit: Optional[str], run: Run, flag: str) -> Resume:
+    """The checkpoint a run starts from. A run folder with checkpoints of its own resumes from the newest one that
+    loads, whatever ``explicit`` (``flag``: --vq-ckpt / --gpt-ckpt, which only seed a fresh run) says: a job
+    requeued with its first command line continues where it stopped. A checkpoint that fails to load is
+    reported and the one before it used."""
+    log = run.logger
+    own = run_checkpoints(run.ckpt_dir)
+    for path in own:
+        try:
+            ckpt = load_file(path)
+        except CheckpointError as e:
+            log.warning(f"{e}; trying the checkpoint before it")
+            continue
+        log.info(f"{run.exp_dir} has checkpoints of its own: resuming from {path}"
+                 + (f" ({flag} {explicit} only seeds a fresh run)" if explicit else ""))
+        return Resume(str(path), ckpt, True)
+    if own:
+        raise CheckpointError(f"none of the {len(own)} checkpoints in {run.ckpt_dir} can be read (see above); "
+                              f"move them away to start afresh")
+    return Resume(explicit, load_file(explicit), False) if explicit else Resume()
+
+
+IGNORED_FLAGS = {"auto_resume", "vq_ckpt", "gpt_ckpt", "finetune", "unsafe_load", "wandb"}
+
+
+def check_resumed_flags(ckpt: dict[str, Any], args: argparse.Namespace, fixed: tuple[str, ...], path: str,
+                        log: logging.Logger) -> None:
+    """Compare the flags a checkpoint of ours was trained with to this run's: one that changes the data stream
+    or the model (``fixed``: batch size, image size, seed, architecture) is refused in one line, since the saved
+    position and weights would be read with another meaning; the others are printed as changed."""
+    saved = ckpt.get("args")
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved
+    if "resume" not in ckpt or not isinstance(saved, dict):  # a released checkpoint: no exact resume to protect
+        return
+    changed = {k: (saved[k], v) for k, v in sorted(vars(args).items())
+               if k in saved and saved[k] != v and k not in IGNORED_FLAGS}
+    refused = [k for k in fixed if k in changed]
+    flag = lambda k: "--" + k.replace("_", "-")  # noqa: E731
+    if refused:
+        raise ValueError(f"{path} was trained with " + ", ".join(f"{flag(k)} {changed[k][0]}" for k in refused)
+                         + "; resuming it with " + ", ".join(f"{flag(k)} {changed[k][1]}" for k in refused)
+                         + " would change the data stream or the model: use the original values or a new "
+                           "--exp-name")
+    if changed:
+        log.info("Changed since the checkpoint: " + ", ".join(f"{flag(k)} {a} -> {b}" for k, (a, b) in changed.items()))
 
 
 # ---------------------------------------------------------------------------------------------- position
@@ -151,13 +229,19 @@ def save_run_checkpoint(run: Run, pos: Position, payload: Optional[dict[str, Any
     same step; rank 0 writes (nothing with ``--no-local-save``); returns the path on rank 0."""
     state = {"epoch": pos.epoch, "batch_in_epoch": pos.batch, "rng": gather_rng_states(),
              "world_size": get_world_size(), **resume}
-    path = None
+    path, error = None, None
     if run.info.is_main and run.save and payload is not None:
-        path = atomic_save({**payload, "steps": pos.step, "resume": state}, run.ckpt_dir / f"{pos.step:07d}.pt")
-        run.logger.info(f"Saved checkpoint to {path}")
-        if run.save_format == "safetensors":
-            run.logger.info(f"and its weights to {write_checkpoint(payload, path.with_suffix('.safetensors'))}")
-    barrier()
+        try:
+            path = atomic_save({**payload, "steps": pos.step, "resume": state}, run.ckpt_dir / f"{pos.step:07d}.pt")
+            run.logger.info(f"Saved checkpoint to {path}")
+            if run.save_format == "safetensors":
+                run.logger.info(f"and its weights to {write_checkpoint(payload, path.with_suffix('.safetensors'))}")
+        except OSError as e:  # a full disk (space is reserved first), a read-only folder ...: every rank stops
+            latest = latest_checkpoint(run.ckpt_dir)
+            error = f"{e}; the run stops at step {pos.step}" + (f", its last checkpoint is {latest}" if latest else "")
+    error = all_gather_objects(error)[0]  # (also the barrier after the write)
+    if error:
+        fail(error)
     return path
 
 
@@ -197,33 +281,63 @@ def finish_run(pos: Position, error: Optional[str], checkpoints: Checkpoints, cl
 
 # ---------------------------------------------------------------------------------------------- preemption
 class StopSignal:
-    """SIGTERM (what SLURM and cloud schedulers send before a kill; torchrun forwards it) and SIGUSR1 ask the run
-    to stop after the step in progress. ``requested`` is collective, so every rank stops at the same step even
-    when only some received the signal; it reduces a CPU flag over a gloo group, not a GPU sync."""
+    """SIGTERM (what SLURM and cloud schedulers send before a kill; torchrun forwards it), SIGUSR1 and SIGINT
+    (Ctrl-C) ask the run to stop after the step in progress, with a checkpoint. ``requested`` is collective, so
+    every rank stops at the same step even when only some received the signal; it reduces a CPU flag over a gloo
+    group, not a GPU sync.
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    A second signal exits at once (one line, no checkpoint; the last one stays valid), except within ECHO_S of
+    the first: a terminal's Ctrl-C reaches torchrun and its workers alike, and torchrun then sends SIGTERM.
+    If the step in progress does not end within ``timeout`` seconds of the first signal (a data read that
+    blocks), a watchdog ends the process with one line."""
 
-    def __init__(self):
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    ECHO_S = 2.0
+
+    def __init__(self, timeout: float = 300.0):
         self.received: Optional[str] = None
+        self.first_at = 0.0
+        self.timeout = timeout
+        self.watchdog: Optional[threading.Timer] = None
         self.group = None
         if is_distributed():
             self.group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
         self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if self.received is None:
+            self.received, self.first_at = name, time.monotonic()
+            self.watchdog = threading.Timer(self.timeout, self._give_up)
+            self.watchdog.daemon = True
+            self.watchdog.start()
+        elif time.monotonic() - self.first_at > self.ECHO_S:
+            # os.write: a handler must not print through a buffered stream the main thread may be writing to
+            os.write(2, f"error: second stop signal ({name}): exiting at once without a checkpoint\n".encode())
+            os._exit(128 + signum)
+
+    def _give_up(self) -> None:
+        os.write(2, (f"error: stop asked by {self.received}, but the step in progress did not end within "
+                     f"{self.timeout:g} s (--stop-timeout; a stuck data read?): exiting without a checkpoint; "
+                     f"resume with: {resume_command()}\n").encode())
+        os._exit(1)
 
     def requested(self) -> bool:
         flag = torch.tensor([self.received is not None], dtype=torch.int32)
         if self.group is not None:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(flag.item())
+        stop = bool(flag.item())
+        if stop and self.watchdog is not None:
+            self.watchdog.cancel()  # the step ended: the checkpoint is written next
+        return stop
 
     def announce(self, log: logging.Logger, step: int) -> None:
         log.info(f"Stopped by {self.received or 'a signal to another rank'} after step {step}; resume with: "
                  f"{resume_command()}")
 
     def close(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.cancel()
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from utils.distributed import all_gather_objects, barrier, get_rank
+from utils.runfiles import create_npy
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -89,9 +90,11 @@ class CodeStoreWriter:
         shape = (count, num_augs, len(factor_names), grid[0] * grid[1])
         self.key = {"shape": list(shape), "dtype": self.dtype.name, "fingerprint": fingerprint or {}}
         done = self._recorded_progress()
-        mode = "r+" if done is not None else "w+"
-        self.codes = np.lib.format.open_memmap(self.files[0][0], mode=mode, dtype=self.dtype, shape=shape)
-        self.labels = np.lib.format.open_memmap(self.files[1][0], mode=mode, dtype=np.int32, shape=(count,))
+        if done is None:  # blocks reserved first: a full disk is one line now, not a SIGBUS through the map later
+            create_npy(self.files[0][0], shape, self.dtype)
+            create_npy(self.files[1][0], (count,), np.int32)
+        self.codes = np.lib.format.open_memmap(self.files[0][0], mode="r+")
+        self.labels = np.lib.format.open_memmap(self.files[1][0], mode="r+")
         self.filled, self.state = (done["filled"], done["state"]) if done is not None else (0, {})
 
     def _recorded_progress(self) -> Optional[dict[str, Any]]:

@@ -36,11 +36,13 @@ from autoregressive.sample.pipeline import ImageDecoder, auto_batch_size, sample
 from evaluations.inprocess import POOL, SPATIAL, InProcessFID, add_fid_arguments, write_result
 from evaluations.npz_stream import EvaluatorInputError
 from tokenizer.models import check_tokenizer_flags, describe_tokenizer, load_tokenizer
+from utils.argtypes import finite_float, nonnegative_int, positive_float, positive_int, unit_float
 from utils.checkpoint import CheckpointError, add_unsafe_load_argument, weight_preference
 from utils.data import rank_shard
-from utils.distributed import cleanup, init_distributed
+from utils.distributed import all_gather_objects, cleanup, init_distributed
 from utils.images import save_grid
 from utils.npz import ShardedNpzWriter
+from utils.runfiles import FolderInUse, FolderLock, NoSpace, checkpoint_digest
 
 
 def get_parser(num_factors: int) -> argparse.ArgumentParser:
@@ -52,7 +54,7 @@ def get_parser(num_factors: int) -> argparse.ArgumentParser:
                                                       "as the original sampler)")
     p.add_argument("--gpt-type", type=str, choices=["c2i"], default="c2i")
     p.add_argument("--from-fsdp", action="store_true", help="accepted; our FSDP checkpoints are full state dicts")
-    p.add_argument("--cls-token-num", type=int, default=1)
+    p.add_argument("--cls-token-num", type=positive_int, default=1)
     p.add_argument("--precision", type=str, default="bf16", choices=["none", "fp16", "bf16"],
                    help="generator dtype on GPU (CPU runs fp32)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -63,20 +65,20 @@ def get_parser(num_factors: int) -> argparse.ArgumentParser:
                                                          "which extraction encodes with)")
     p.add_argument("--codebook-size", type=int, default=None, help="checked against the tokenizer checkpoint")
     p.add_argument("--codebook-embed-dim", type=int, default=None, help="checked against the tokenizer checkpoint")
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--image-size-eval", type=int, default=256)
+    p.add_argument("--image-size", type=positive_int, default=256)
+    p.add_argument("--image-size-eval", type=positive_int, default=256)
     p.add_argument("--downsample-size", type=int, choices=[4, 8, 16], default=16)
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--cfg-scale", type=float, nargs="+", default=[1.5],
+    p.add_argument("--num-classes", type=positive_int, default=1000)
+    p.add_argument("--cfg-scale", type=finite_float, nargs="+", default=[1.5],
                    help="guidance scale: one value, or one per factor (visual first)")
     p.add_argument("--cfg-scales", type=str, default=None,
                    help="a guidance sweep, e.g. 1.5,1.75,2.0: every scale (for all factors) sampled in turn, each "
                         "its own npz/score, in one process (replaces --cfg-scale)")
-    p.add_argument("--cfg-interval", type=float, default=-1)
+    p.add_argument("--cfg-interval", type=finite_float, default=-1)
     p.add_argument("--sample-dir", type=str, default="samples")
-    p.add_argument("--per-proc-batch-size", type=int, default=None,
+    p.add_argument("--per-proc-batch-size", type=positive_int, default=None,
                    help="images generated at once per process (default: from free GPU memory; 32 on CPU)")
-    p.add_argument("--decode-batch-size", type=int, default=None,
+    p.add_argument("--decode-batch-size", type=positive_int, default=None,
                    help="images decoded at once (default: 128 on GPU, 8 on CPU)")
     p.add_argument("--decode-precision", type=str, default="bf16", choices=["none", "fp16", "bf16"],
                    help="tokenizer decoder autocast dtype on GPU (CPU decodes in fp32)")
@@ -86,13 +88,13 @@ def get_parser(num_factors: int) -> argparse.ArgumentParser:
                    help="torch.compile the decoder (default: as --compile)")
     p.add_argument("--decode-stream", action=argparse.BooleanOptionalAction, default=False,
                    help="decode on a second CUDA stream, overlapping the next batch's generation")
-    p.add_argument("--num-fid-samples", type=int, default=50000)
+    p.add_argument("--num-fid-samples", type=positive_int, default=50000)
     p.add_argument("--global-seed", type=int, default=0)
-    p.add_argument("--top-k", type=int, nargs="+", default=[0], help="one value or one per factor (0: off)")
-    p.add_argument("--temperature", type=float, nargs="+", default=[1.0], help="one value or one per factor")
-    p.add_argument("--top-p", type=float, nargs="+", default=[1.0], help="one value or one per factor")
+    p.add_argument("--top-k", type=nonnegative_int, nargs="+", default=[0], help="one value or one per factor (0: off)")
+    p.add_argument("--temperature", type=positive_float, nargs="+", default=[1.0], help="one value or one per factor")
+    p.add_argument("--top-p", type=unit_float, nargs="+", default=[1.0], help="one value or one per factor")
     p.add_argument("--class-balanced", action="store_true", help="the same number of samples for every class")
-    p.add_argument("--grid-samples", type=int, default=64, help="how many samples the PNG grid shows")
+    p.add_argument("--grid-samples", type=nonnegative_int, default=64, help="how many samples the PNG grid shows")
     p.add_argument("--name", type=str, default=None, help="output name (default: the original's naming)")
     add_fid_arguments(p)
     p.add_argument("--save-npz", action=argparse.BooleanOptionalAction, default=True,
@@ -232,11 +234,24 @@ def _sample_one(args, info, far, tokenizer, decoder, fid: InProcessFID | None, l
                                 "compile_decoder", "channels_last", "decode_stream", "decode_precision",
                                 "cfg_scales", "fid_ref", "inception_graph", "fid_batch_size", "save_npz")}
     fingerprint["world_size"] = info.world_size
+    # keyed by the checkpoints' content: one replaced at the same path starts afresh (a moved one resumes)
+    fingerprint.update(gpt_ckpt=checkpoint_digest(args.gpt_ckpt), vq_ckpt=checkpoint_digest(args.vq_ckpt))
+    try:  # one sampling run per output: rank 0 holds <sample-dir>/.<name>.npz.lock until it ends
+        lock = FolderLock(out.parent, "sample output", f".{out.name}.lock") if info.is_main else None
+        error = None
+    except FolderInUse as e:
+        error = str(e)
+    error = all_gather_objects(error)[0]
+    if error:
+        sys.exit(f"error: {error}")
     arrays = {"arr_0": ((n, size, size, 3), np.uint8), "arr_1": ((n,), np.int64)} if args.save_npz else {}
     if fid is not None:
         arrays.update(fid.arrays(n))
         fingerprint["inception_graph_sha256"] = fid.graph_sha
-    writer = ShardedNpzWriter(out, arrays, fingerprint)
+    try:
+        writer = ShardedNpzWriter(out, arrays, fingerprint)
+    except NoSpace as e:
+        sys.exit(f"error: {e}")
     if writer.done:
         print(f"rank {info.rank}: resuming after {writer.done} of its {len(mine)} images, already written")
     todo = mine[writer.done:]
@@ -271,7 +286,12 @@ def _sample_one(args, info, far, tokenizer, decoder, fid: InProcessFID | None, l
             write_result(result, out.with_suffix(".txt"), Path(args.sample_dir) / "fid.jsonl", name=name,
                          cfg_scale=_one_or_list(args.cfg_scale), num_samples=n, reference=args.fid_ref,
                          gpt_ckpt=args.gpt_ckpt, vq_ckpt=args.vq_ckpt, inception=fid.net.describe())
-    saved = writer.close(["arr_0", "arr_1"] if args.save_npz else [])
+    try:
+        saved = writer.close(["arr_0", "arr_1"] if args.save_npz else [])
+    except NoSpace as e:
+        sys.exit(f"error: {e}")
+    if lock is not None:
+        lock.release(remove=True)
     if info.is_main:
         if saved:
             print(f"Saved {n} samples to {out} (arr_0 images, arr_1 labels)")

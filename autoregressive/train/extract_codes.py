@@ -17,9 +17,11 @@ from tqdm import tqdm
 
 from autoregressive.data.code_store import CodeStoreWriter
 from tokenizer.models import check_tokenizer_flags, describe_tokenizer, load_tokenizer
+from utils.argtypes import nonnegative_int, positive_float, positive_int
 from utils.checkpoint import CheckpointError, add_unsafe_load_argument, weight_preference
 from utils.data import ImageFolderSafe, center_crop_arr, eval_batches, rank_shard, to_model_range
-from utils.distributed import all_reduce_sum, cleanup, init_distributed
+from utils.distributed import all_gather_objects, all_reduce_sum, cleanup, init_distributed
+from utils.runfiles import FolderInUse, FolderLock, NoSpace, checkpoint_digest
 
 
 def get_parser(num_factors: int) -> argparse.ArgumentParser:
@@ -33,13 +35,15 @@ def get_parser(num_factors: int) -> argparse.ArgumentParser:
     p.add_argument("--codebook-size", type=int, default=None, help="checked against the checkpoint")
     p.add_argument("--codebook-embed-dim", type=int, default=None, help="checked against the checkpoint")
     p.add_argument("--dataset", type=str, default="imagenet")
-    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--image-size", type=positive_int, default=256)
     p.add_argument("--ten-crop", action="store_true", help="store ten crops per image (else centre crop + flip)")
-    p.add_argument("--crop-range", type=float, default=1.1, help="centre crop to image_size * crop_range first")
+    p.add_argument("--crop-range", type=positive_float, default=1.1,
+                   help="centre crop to image_size * crop_range first")
     p.add_argument("--global-seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (each with all its views)")
-    p.add_argument("--num-images", type=int, default=0, help="only the first N images (0: all)")
+    p.add_argument("--num-workers", type=nonnegative_int, default=4)
+    p.add_argument("--batch-size", type=positive_int, default=16,
+                   help="images per forward pass (each with all its views)")
+    p.add_argument("--num-images", type=nonnegative_int, default=0, help="only the first N images (0: all)")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     add_unsafe_load_argument(p)
     return p
@@ -71,8 +75,15 @@ def main(argv=None, num_factors: int = 2) -> None:
         check_tokenizer_flags(args, model)
         dataset = ImageFolderSafe(args.data_path, views_transform(args.image_size, args.ten_crop, args.crop_range),
                                   args.image_size)
-    except (CheckpointError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        # One extraction per code store: rank 0 holds its lock until the process ends.
+        lock = FolderLock(args.code_path, "code store") if info.is_main else None
+        error = None
+    except (CheckpointError, FileNotFoundError, FolderInUse) as e:
+        error = str(e)
+    error = next((e for e in all_gather_objects(error) if e), None)  # every rank stops with the same line
+    if error:
+        sys.exit(f"error: {error}")
+    vq_digest = checkpoint_digest(args.vq_ckpt)  # progress is keyed by the checkpoint's content, not its path
     model = model.to(info.device)
     log(f"Extracting codes with {describe_tokenizer(model.config)} from {model.loaded_from}")
     n = min(len(dataset), args.num_images) if args.num_images else len(dataset)
@@ -80,11 +91,14 @@ def main(argv=None, num_factors: int = 2) -> None:
     num_views = 10 if args.ten_crop else 2
     grid = (args.image_size // model.config.downsample,) * 2
     # What the codes depend on: a killed extraction rerun with the same command continues where it stopped.
-    fingerprint = {"vq_ckpt": str(args.vq_ckpt), "vq_weights": model.loaded_from.weights,
+    fingerprint = {"vq_ckpt_sha256": vq_digest, "vq_weights": model.loaded_from.weights,
                    "data_path": str(args.data_path), "images": n, "image_size": args.image_size,
                    "ten_crop": args.ten_crop, "crop_range": args.crop_range, "world_size": info.world_size}
-    writer = CodeStoreWriter(args.code_path, len(shard), num_views, model.factor_names, grid,
-                             model.config.codebook_size, fingerprint)
+    try:
+        writer = CodeStoreWriter(args.code_path, len(shard), num_views, model.factor_names, grid,
+                                 model.config.codebook_size, fingerprint)
+    except NoSpace as e:
+        sys.exit(f"error: {e}")
     if writer.filled:
         print(f"rank {info.rank}: resuming an interrupted extraction after {writer.filled} of {len(shard)} images")
     todo = shard[writer.filled:]
@@ -101,11 +115,13 @@ def main(argv=None, num_factors: int = 2) -> None:
                      {"skipped": int(skipped)})
     all_reduce_sum(skipped)
     writer.close(num_classes=len(dataset.classes), extra={
-        "vq_ckpt": str(args.vq_ckpt), "vq_weights": model.loaded_from.weights,
+        "vq_ckpt": str(args.vq_ckpt), "vq_ckpt_sha256": vq_digest, "vq_weights": model.loaded_from.weights,
         "tokenizer": describe_tokenizer(model.config),
         "image_size": args.image_size, "ten_crop": args.ten_crop, "crop_range": args.crop_range,
         "data_path": str(args.data_path), "skipped": int(skipped.item()), "classes": dataset.classes})
     if skipped.item():
         log(f"Skipped {int(skipped.item())} unreadable images")
     log(f"Saved codes of {n - int(skipped.item())} images x {num_views} views to {args.code_path}")
+    if lock is not None:
+        lock.release(remove=True)  # the finished store holds nothing but its files
     cleanup()

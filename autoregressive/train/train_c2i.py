@@ -23,7 +23,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from autoregressive.data.code_store import CodeDataset, collate_codes
 from autoregressive.models import FAR, FAR_models, describe_far, far_checkpoint, far_config, load_far_weights
 from autoregressive.models.far import FARConfig, TransformerBlock
-from utils.checkpoint import extract_weights, load_file
+from utils.argtypes import nonnegative_float, nonnegative_int, positive_float, positive_int, unit_float
+from utils.checkpoint import extract_weights
 from utils.data import ResumableSampler
 from utils.distributed import is_distributed
 from utils.ema import requires_grad, update_ema
@@ -31,12 +32,16 @@ from utils.factors import preset_name
 from utils.logging import MetricWriter
 from utils.progress import MetricAverager, Throughput, report
 from utils.rng import seed_everything
-from utils.run import (Checkpoints, Position, Run, StopSignal, add_run_arguments, epoch_batches, fail, find_resume,
-                       finish_run, restore_position, save_run_checkpoint, start_run)
+from utils.run import (Checkpoints, Position, Run, StopSignal, add_run_arguments, check_resumed_flags,
+                       epoch_batches, fail, find_resume, finish_run, restore_position, save_run_checkpoint,
+                       start_run)
 from utils.steps import (NonFiniteGuard, accumulation, autocast_context, fused_kwargs, grad_scaler,
                          optimizer_step)
 
 BAD_INPUT = (ValueError, FileNotFoundError)  # one-line errors, raised by build() (CodeStoreError included)
+# Flags a resumed run may not change: the saved data position and weights would be read with another meaning.
+RESUME_FIXED = ("global_batch_size", "image_size", "downsample_size", "global_seed", "gpt_model", "vocab_size",
+                "num_classes", "cls_token_num")
 
 
 def get_parser(num_factors: int) -> argparse.ArgumentParser:
@@ -48,35 +53,36 @@ def get_parser(num_factors: int) -> argparse.ArgumentParser:
     p.add_argument("--gpt-model", type=str, choices=list(FAR_models), default="FAR-B")
     p.add_argument("--gpt-ckpt", type=str, default=None, help="checkpoint to resume from")
     p.add_argument("--gpt-type", type=str, choices=["c2i"], default="c2i")
-    p.add_argument("--vocab-size", type=int, default=16384)
+    p.add_argument("--vocab-size", type=positive_int, default=16384)
     p.add_argument("--ema", action="store_true")
-    p.add_argument("--cls-token-num", type=int, default=1)
-    p.add_argument("--dropout-p", type=float, default=0.1, help="residual and FFN dropout")
-    p.add_argument("--token-dropout-p", type=float, default=0.1)
-    p.add_argument("--drop-path-rate", type=float, default=0.0, help="stochastic depth (turns dropout-p off)")
+    p.add_argument("--cls-token-num", type=positive_int, default=1)
+    p.add_argument("--dropout-p", type=unit_float, default=0.1, help="residual and FFN dropout")
+    p.add_argument("--token-dropout-p", type=unit_float, default=0.1)
+    p.add_argument("--drop-path-rate", type=unit_float, default=0.0, help="stochastic depth (turns dropout-p off)")
     p.add_argument("--no-compile", action="store_true", help="do not torch.compile (CPU runs never compile)")
     p.add_argument("--results-dir", type=str, default="results")
     p.add_argument("--dataset", type=str, default="imagenet_code", help="accepted for the original command lines")
-    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--image-size", type=positive_int, default=256)
     p.add_argument("--downsample-size", type=int, choices=[4, 8, 16], default=16)
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--epochs", type=int, default=300)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--num-classes", type=positive_int, default=1000)
+    p.add_argument("--epochs", type=positive_int, default=300)
+    p.add_argument("--lr", type=positive_float, default=1e-4)
     p.add_argument("--weight-decay", type=float, default=5e-2)
     p.add_argument("--beta1", type=float, default=0.9)
     p.add_argument("--beta2", type=float, default=0.95)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--global-batch-size", type=int, default=256)
+    p.add_argument("--max-grad-norm", type=nonnegative_float, default=1.0)
+    p.add_argument("--global-batch-size", type=positive_int, default=256)
     p.add_argument("--global-seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=4, help="loader workers (the code store rarely needs any)")
-    p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--ckpt-every", type=int, default=5000)
-    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    p.add_argument("--num-workers", type=nonnegative_int, default=4,
+                   help="loader workers (the code store rarely needs any)")
+    p.add_argument("--log-every", type=positive_int, default=100)
+    p.add_argument("--ckpt-every", type=positive_int, default=5000)
+    p.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
     p.add_argument("--mixed-precision", type=str, default="bf16", choices=["none", "fp16", "bf16"])
     # this project's additions
     p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state (FSDP)")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: all epochs)")
-    p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--max-steps", type=nonnegative_int, default=0, help="stop after this many steps (0: all epochs)")
+    p.add_argument("--ema-decay", type=unit_float, default=0.9999)
     add_run_arguments(p)
     return p
 
@@ -189,10 +195,12 @@ def build(args, num_factors: int) -> Trainer:
     seed_everything(args.global_seed * world + run.info.rank)  # from here on every rank draws its own randomness
     scaler = grad_scaler(device, args.mixed_precision)
 
-    resume_path = find_resume(args.gpt_ckpt, args.auto_resume, run.ckpt_dir)
+    # The run folder's own checkpoints win over --gpt-ckpt, which only seeds a fresh run.
+    resume = find_resume(args.gpt_ckpt, run, "--gpt-ckpt")
+    resume_path, ckpt = resume.path, resume.ckpt
     start, opt_state = Position(), None
-    if resume_path:
-        ckpt = load_file(resume_path)
+    if ckpt is not None:
+        check_resumed_flags(ckpt, args, RESUME_FIXED, resume_path, log)
         weights, _ = extract_weights(ckpt, resume_path, prefer=("model", "ema", "state_dict"))
         load_far_weights(model, weights, resume_path)
         if ema is not None:
@@ -246,11 +254,13 @@ def main(argv=None, num_factors: int = 2) -> Optional[Path]:
         t = build(args, num_factors)
     except BAD_INPUT as e:
         fail(e)
+    except KeyboardInterrupt:  # Ctrl-C before the first step: nothing to save (the stop signal is not set yet)
+        fail("interrupted while setting up the run; no checkpoint was written")
     run, log, device = t.run, t.run.logger, t.run.info.device
     writer = MetricWriter(run.exp_dir / "tensorboard", run.info.is_main, args.wandb, "fqgan-far", args.exp_name,
                           args, log)
     throughput, averager = Throughput(device), MetricAverager(device)
-    guard, stop = NonFiniteGuard(device, args.max_nonfinite_steps), StopSignal()
+    guard, stop = NonFiniteGuard(device, args.max_nonfinite_steps), StopSignal(args.stop_timeout)
 
     log.info(f"Training for {args.epochs} epochs ({t.total_steps - t.start.step} steps to go)...")
     pos, error, checkpoints = t.start, None, Checkpoints(t.save, args.ckpt_every, t.start)
