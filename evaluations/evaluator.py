@@ -30,7 +30,6 @@ if __name__ == "__main__":
     _here = str(Path(__file__).resolve().parent)
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
 
-
 from evaluations import metrics
 from evaluations.inception import BACKENDS, choose_backend, file_sha256, find_inception_graph, open_backend
 from evaluations.npz_stream import (EvaluatorInputError, ImageArrayInfo, iter_batches, num_batches,
