@@ -3,11 +3,14 @@
 1. builds a small class-labelled dataset from the photographs that ship with scikit-image;
 2. trains a small dual FQGAN tokenizer (the project's real training loop, scaled down);
 3. measures it on held-out crops: PSNR before and after training, codebook usage per factor, and draws a grid
-   of originals, reconstructions and decodes with one factor's codes swapped between images;
+   of originals, reconstructions and decodes with one factor's codes swapped between images; then the factor
+   report (``tokenizer/factor_report.py``) of the untrained and the trained tokenizer: how well each factor's
+   features tell the four classes apart (kNN and linear-probe accuracy), t-SNE per factor, usage;
 4. extracts the training set's codes, trains a tiny FAR generator on them, and samples a grid per class.
 
 Everything lands in one folder (default ``demo_output/``): checkpoints, ``reconstructions.png``,
-``samples.png`` (+ one per class), ``metrics.json``. ``--quick`` shrinks every step for a smoke test.
+``factor_report/{untrained,trained}/`` (``report.json``, ``tsne.png``, ``reconstructions.png``), ``samples.png``
+(+ one per class), ``metrics.json``. ``--quick`` shrinks every step for a smoke test.
 """
 from __future__ import annotations
 
@@ -21,13 +24,15 @@ import numpy as np
 import torch
 
 from demo.photos import build_photo_folder
-from tokenizer.models import FactorizedTokenizer, load_tokenizer, swap_factor
+from tokenizer.factor_report import main as factor_report
+from tokenizer.models import FactorizedTokenizer, load_tokenizer, save_tokenizer, swap_factor
 from utils.data import ImageFolderSafe, eval_transform
 from utils.images import save_grid
 from utils.rng import seed_everything
 
 CLASSES = ["cat", "coffee", "hubble", "rocket"]  # clearly different colours; sorted, as ImageFolder labels them
 IMAGE = 64
+REPORT_PER_CLASS = 16  # held-out crops per class for the factor report (5-fold kNN / probe, a t-SNE of 64 points)
 # A small VQ-8-like tokenizer: 64x64 images -> 8x8 codes per factor, 512-entry codebooks.
 TOKENIZER_ARCH = ["--image-size", str(IMAGE), "--vq-model", "VQ-8", "--ch", "32", "--ch-mult", "1,2,2,2",
                   "--num-res-blocks", "1",
@@ -65,7 +70,10 @@ def main(argv=None) -> dict:
     say(f"1/4 dataset: {len(CLASSES)} classes ({', '.join(CLASSES)}) of crops of scikit-image's photographs")
     train_dir = build_photo_folder(out / "data" / "train", args.per_class, IMAGE + IMAGE // 4, CLASSES, seed=0)
     val_dir = build_photo_folder(out / "data" / "val", 4, IMAGE, CLASSES, seed=1)
-    print(f"    {len(CLASSES) * args.per_class} training crops in {train_dir}, {4 * len(CLASSES)} held-out in {val_dir}")
+    report_per_class = 4 if args.quick else REPORT_PER_CLASS
+    report_dir = build_photo_folder(out / "data" / "report", report_per_class, IMAGE, CLASSES, seed=2)
+    print(f"    {len(CLASSES) * args.per_class} training crops in {train_dir}, {4 * len(CLASSES)} held-out in {val_dir}, "
+          f"{report_per_class * len(CLASSES)} held-out for the factor report in {report_dir}")
 
     say(f"2/4 tokenizer: a small dual FQGAN (visual + semantic codebooks), {args.steps} steps")
     print("    LPIPS is off: it needs torchvision's VGG16 weights (vgg16-397923af.pth in the torch hub cache, or "
@@ -107,6 +115,25 @@ def main(argv=None) -> dict:
           + " | ".join(f"{n} codes from the next class's image" for n in model.factor_names))
     metrics = {"psnr_init": psnr_init, "psnr_trained": psnr_trained, "codebook_usage": usage,
                "tokenizer_steps": args.steps, "tokenizer_checkpoint": str(ckpt), "held_out_images": len(x)}
+
+    print("    factor report: what each factor's features say about the class, before and after training")
+    untrained_ckpt = tok_dir / "untrained.pt"
+    save_tokenizer(untrained_ckpt, untrained)
+    reports = {}
+    for name, path in (("untrained", untrained_ckpt), ("trained", ckpt)):
+        print(f"    --- {name} tokenizer")
+        reports[name] = factor_report(["--vq-ckpt", str(path), "--data-path", str(report_dir), "--image-size",
+                                       str(IMAGE), "--out", str(out / "factor_report" / name), "--num-workers", "0"])
+    metrics["factor_report"] = {name: {r["name"]: {k: r[k] for k in ("knn_accuracy", "probe_accuracy")}
+                                       for r in rep["factors"] + [rep["all_factors"]]}
+                                for name, rep in reports.items()}
+    metrics["factor_report"]["chance"] = reports["trained"]["chance"]
+    print(f"    class separability (chance {reports['trained']['chance']:.0%}), untrained -> trained:")
+    before, after = metrics["factor_report"]["untrained"], metrics["factor_report"]["trained"]
+    for factor in after:
+        print(f"      {factor:<4} kNN {before[factor]['knn_accuracy']:.0%} -> {after[factor]['knn_accuracy']:.0%}, "
+              f"linear probe {before[factor]['probe_accuracy']:.0%} -> {after[factor]['probe_accuracy']:.0%}")
+    print(f"    {out / 'factor_report'}/{{untrained,trained}}/: report.json, tsne.png, reconstructions.png")
 
     say(f"4/4 generator: codes of the training set, a tiny FAR for {args.far_steps} steps, samples per class")
     from autoregressive.sample.sample_c2i import main as sample

@@ -21,3 +21,13 @@ def test_demo_quick(tmp_path):
     assert Image.open(out / "reconstructions.png").size[0] > 64
     assert Image.open(out / "samples.png").size[1] > 4 * 64  # one row per class
     assert "LPIPS is off" in r.stdout and "--with_clip_supervision" in r.stdout
+    # the factor report of the untrained and the trained tokenizer, and the kNN accuracies before -> after
+    sep = m["factor_report"]
+    assert sep["chance"] == 0.25 and set(sep) == {"untrained", "trained", "chance"}
+    for name in ("untrained", "trained"):
+        assert set(sep[name]) == {"vis", "sem", "all"}
+        assert all(0 <= v <= 1 for f in sep[name].values() for v in f.values())
+        report = json.loads((out / "factor_report" / name / "report.json").read_text())
+        assert report["num_images"] == 16 and report["classes"] == ["cat", "coffee", "hubble", "rocket"]
+        assert Image.open(out / "factor_report" / name / "tsne.png").size[0] > 3 * 300
+    assert "vis  kNN" in r.stdout and "sem  kNN" in r.stdout

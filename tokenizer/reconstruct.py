@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from evaluations.inprocess import POOL, SPATIAL, InProcessFID, add_fid_arguments, write_result
 from evaluations.npz_stream import EvaluatorInputError
+from tokenizer.factor_metrics import codebook_stats
 from tokenizer.models import check_tokenizer_flags, describe_tokenizer, load_tokenizer
 from utils.checkpoint import CheckpointError, add_unsafe_load_argument
 from utils.data import ImageFolderSafe, eval_batches, eval_transform, rank_shard
@@ -176,11 +177,7 @@ def main(argv=None, num_factors: int = 2) -> dict:
                "model": describe_tokenizer(cfg),
                "image_size": args.image_size, "image_size_eval": size, "npz": str(out)}
     for f, name in enumerate(model.factor_names):
-        p = hist[f] / hist[f].sum()
-        nz = p[p > 0]
-        results["factors"].append({"name": name, "codes_used": int((hist[f] > 0).sum()),
-                                   "usage": float((hist[f] > 0).float().mean()),
-                                   "perplexity": float(torch.exp(-(nz * nz.log()).sum()))})
+        results["factors"].append({"name": name, **codebook_stats(hist[f])})
     if info.is_main:
         line = f"PSNR: {results['psnr']:f}, SSIM: {results['ssim']:f} "
         print(line)
