@@ -22,6 +22,7 @@ from tokenizer.losses import RealAndFake
 from tokenizer.models import FactorizedTokenizer
 
 CPU_BACKEND = "aot_eager"
+SMALLER = ["--ch-mult", "1,2"]  # one level less: inductor compiles ~25% fewer C++ kernels (88 instead of 118)
 
 
 def test_training_forwards_have_no_graph_breaks():
@@ -41,9 +42,9 @@ def random_ops_like_eager():
         yield
 
 
-def _tokenizer_losses(data, tmp_path, backend, disc_start: int = 2) -> list[dict]:
+def _tokenizer_losses(data, tmp_path, backend, disc_start: int = 2, extra=()) -> list[dict]:
     args = tokenizer_train.get_parser("dual").parse_args(
-        ["--data-path", str(data), *TINY, "--global-batch-size", "4", "--disc-start", str(disc_start),
+        ["--data-path", str(data), *TINY, *extra, "--global-batch-size", "4", "--disc-start", str(disc_start),
          "--exp-name", "c", "--results-dir", str(tmp_path / str(backend)), "--no-local-save"])
     t = tokenizer_train.build(args, "dual")
     if backend:
@@ -69,8 +70,8 @@ def test_compiled_tokenizer_steps_match_eager(data, tmp_path):
 
 
 def test_inductor_tokenizer_steps_match_eager(data, tmp_path):
-    eager = _tokenizer_losses(data, tmp_path, None, disc_start=100)
-    compiled = _tokenizer_losses(data, tmp_path, "inductor", disc_start=100)
+    eager = _tokenizer_losses(data, tmp_path, None, disc_start=100, extra=SMALLER)
+    compiled = _tokenizer_losses(data, tmp_path, "inductor", disc_start=100, extra=SMALLER)
     # step 1 starts from the same weights; measured differences: losses ~3e-7, grad_norm 2e-5 relative, then
     # 1e-3 at step 2 (the weights now differ by Adam's first, sign-like updates)
     for step, (e, c), rel in zip((1, 2, 3), zip(eager, compiled), (1e-4, 1e-2, 5e-2)):
