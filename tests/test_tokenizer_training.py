@@ -73,10 +73,10 @@ def test_discriminator_step_runs_its_ddp_module_once_per_micro_batch(data, tmp_p
     step runs both batches in one call of its module (``RealAndFake``), once per micro-batch."""
     from tokenizer import train as tokenizer_train
 
-    args = tokenizer_train.get_parser("dual").parse_args(
+    cfg = tokenizer_train.parse_config(
         ["--data-path", str(data), *TINY, "--global-batch-size", "4", "--gradient-accumulation-steps", "2",
-         "--disc-start", "1", "--exp-name", "d", "--results-dir", str(tmp_path), "--no-local-save"])
-    t = tokenizer_train.build(args, "dual")
+         "--disc-start", "1", "--exp-name", "d", "--results-dir", str(tmp_path), "--no-local-save"], "dual")
+    t = tokenizer_train.build(cfg, "dual")
     calls = []
     t.train_disc.register_forward_pre_hook(lambda module, inputs: calls.append(len(inputs)))
     logs, _, _ = tokenizer_train.train_step(t, torch.rand(4, 3, 32, 32) * 2 - 1, step=1)
