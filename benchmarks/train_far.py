@@ -24,7 +24,7 @@ import torch
 from autoregressive.data.code_store import CodeStoreWriter
 from autoregressive.models.far import FAR_models
 from autoregressive.train.train_c2i import build, parse_config, train_step
-from benchmarks.encode_decode import _peak_memory_gb, _sync
+from benchmarks.timing import peak_memory_gb, sync
 from utils.distributed import all_gather_objects, cleanup, get_world_size, init_distributed
 from utils.factors import factor_count, factor_names
 from utils.flags import add_compile_argument, add_precision_argument
@@ -70,14 +70,14 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         for _ in range(2):  # warm-up: compilation, autotuning, allocations
             train_step(t, codes, labels)
-        _sync(device)
+        sync(device)
         warmup_s = time.perf_counter() - t0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         for _ in range(args.iters):
             logs, _ = train_step(t, codes, labels)
-        _sync(device)
+        sync(device)
         sec = (time.perf_counter() - t0) / args.iters
         result = {"benchmark": "train_far", "gpt_model": args.gpt_model, "factors": factors,
                   "batch_size_per_process": args.batch_size, "processes": world,
@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
                   "compile": args.compile and device.type == "cuda", "fsdp": args.fsdp,
                   "seconds_per_step": round(sec, 4), "steps_per_s": round(1 / sec, 3),
                   "images_per_s": round(args.batch_size * world / sec, 1),
-                  "peak_memory_gb": round(_peak_memory_gb(device), 2), "warmup_s": round(warmup_s, 1),
+                  "peak_memory_gb": round(peak_memory_gb(device), 2), "warmup_s": round(warmup_s, 1),
                   "loss": round(float(logs["loss"]), 4), "torch": torch.__version__}
         if t.run.info.is_main:
             print(json.dumps(result), flush=True)

@@ -28,7 +28,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from benchmarks.encode_decode import _peak_memory_gb, _sync
+from benchmarks.timing import peak_memory_gb, sync
 from tokenizer.train import build, parse_config, train_step
 from utils.flags import add_compile_argument, add_precision_argument
 
@@ -63,23 +63,23 @@ def run(kind: str, args, tmp: Path) -> dict:
     x = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1
     t0 = time.perf_counter()
     train_step(t, x, 1)  # warm-up: compilation, cuDNN autotuning, allocations
-    _sync(device)
+    sync(device)
     compile_s = time.perf_counter() - t0
     train_step(t, x, 2)
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for i in range(args.iters):
         logs, _, _ = train_step(t, x, 3 + i)
-    _sync(device)
+    sync(device)
     sec = (time.perf_counter() - t0) / args.iters
     return {"benchmark": "train_tokenizer", "step": kind, "preset": args.preset, "vq_model": args.vq_model,
             "batch_size": args.batch_size, "image_size": args.image_size,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "mixed_precision": args.mixed_precision if device.type == "cuda" else "fp32",
             "compile": args.compile, "channels_last": args.channels_last, "seconds_per_step": round(sec, 4),
-            "images_per_s": round(args.batch_size / sec, 2), "peak_memory_gb": round(_peak_memory_gb(device), 2),
+            "images_per_s": round(args.batch_size / sec, 2), "peak_memory_gb": round(peak_memory_gb(device), 2),
             "first_step_s": round(compile_s, 1), "loss": round(float(logs["loss"]), 4), "torch": torch.__version__}
 
 
