@@ -11,9 +11,7 @@ import pytest
 import torch
 
 from autoregressive.train import train_c2i
-from test_far_pipeline import FAR_TINY
-from test_reconstruction_eval import free_port
-from test_tokenizer_training import TINY
+from helpers import FAR_TINY, TINY, free_port
 from tokenizer import train as tokenizer_train
 
 pytestmark = [pytest.mark.cuda,

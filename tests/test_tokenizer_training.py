@@ -10,15 +10,11 @@ import torch
 import transformers
 
 from demo.photos import build_photo_folder
-from test_reconstruction_eval import torchrun
+from helpers import TINY, free_port, torchrun
 from tokenizer.models import load_tokenizer
 from utils.checkpoint import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--image-size", "32", "--ch", "32", "--ch-mult", "1,2,2", "--num-res-blocks", "1", "--z-channels", "32",
-        "--adapter-layers", "1", "--head-layers", "1", "--codebook-size", "64", "--codebook-embed-dim", "4",
-        "--perceptual-weight", "0", "--num-workers", "0", "--log-every", "1", "--entropy-loss-ratio", "0.03",
-        "--with_disentanglement"]
 
 
 def metrics(exp_dir):
@@ -139,7 +135,6 @@ def test_missing_teacher_and_vgg_messages(data, tmp_path):
 
 def test_launch_script_with_environment_overrides(data, tmp_path):
     """train_fqgan_triple.sh: torchrun settings and the data path from the environment, extra flags win."""
-    from test_reconstruction_eval import free_port
 
     env = dict(os.environ, NPROC_PER_NODE="2", DATA_PATH=str(data), MASTER_PORT=str(free_port()),
                OMP_NUM_THREADS="1", EXP_NAME="script")

@@ -14,8 +14,7 @@ import torch._inductor.config
 
 from autoregressive.models import FAR, far_config
 from autoregressive.train import train_c2i
-from test_far_pipeline import FAR_TINY
-from test_tokenizer_training import TINY
+from helpers import FAR_TINY, TINY
 from tiny import tiny_tokenizer_config
 from tokenizer import train as tokenizer_train
 from tokenizer.models import FactorizedTokenizer
