@@ -10,7 +10,8 @@ from scipy import special
 
 from evaluations import metrics
 from evaluations.inception import GRAPH_FILENAME, GRAPH_URL, find_inception_graph
-from evaluations.npz_stream import EvaluatorInputError, iter_batches, validate_images
+from evaluations.errors import EvaluatorInputError
+from evaluations.npz_stream import iter_batches, validate_images
 from helpers import LABELS, NUM_CLASSES, POOL_DIM, parse_numbers, photo_crops, run_cli, write_fake_inception
 
 ROOT = Path(__file__).resolve().parents[1]

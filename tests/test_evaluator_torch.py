@@ -15,7 +15,8 @@ from evaluations import graphdef, metrics
 from evaluations.inception import GRAPH_FILENAME, choose_backend
 from evaluations.inception_torch import (TorchBackendConfig, TorchInception, _squared_distances, exact_float32,
                                          load_converted)
-from evaluations.npz_stream import EvaluatorInputError, prefetch
+from evaluations.errors import EvaluatorInputError
+from evaluations.npz_stream import prefetch
 from evaluations.torch_graph import TorchGraph
 from benchmarks.standin import write_standin_graph
 from helpers import LABELS, parse_numbers, photo_crops, run_cli

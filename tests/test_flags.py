@@ -112,7 +112,7 @@ def test_one_precision_vocabulary():
 
 @pytest.mark.parametrize("flags,message", [
     (["--beta1", "1.5"], "--beta1 1.5: must be in [0, 1)"),
-    (["--ch-mult", "1,x"], "--ch-mult '1,x': expected comma-separated positive integers"),
+    (["--ch-mult", "1,x"], "--ch-mult '1,x': expected comma-separated integers"),
     (["--finetune"], "--finetune starts from --vq-ckpt's weights"),
     (["--global-batch-size", "6", "--gradient-accumulation-steps", "4"], "--global-batch-size 6 is not divisible"),
 ])

@@ -34,7 +34,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from tqdm import tqdm
 
 from evaluations.inprocess import POOL, SPATIAL, InProcessFID, add_fid_arguments, write_result
-from evaluations.npz_stream import EvaluatorInputError
+from evaluations.errors import EvaluatorInputError
 from tokenizer.factor_metrics import codebook_stats
 from tokenizer.models import check_tokenizer_flags, describe_tokenizer, load_tokenizer
 from utils.checkpoint import CheckpointError, add_unsafe_load_argument

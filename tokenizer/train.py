@@ -36,7 +36,7 @@ from utils.ema import new_ema, update_ema
 from utils.flags import (add_compat_flags, add_compile_argument, add_precision_argument, alias, from_flags, ignored,
                          parse_flags, require)
 from utils.images import save_grid
-from utils.logging import MetricWriter
+from utils.logs import MetricWriter
 from utils.progress import MetricAverager, Throughput, report
 from utils.rng import seed_everything
 from utils.run import (Checkpoints, Position, Run, RunConfig, StopSignal, add_run_arguments, check_resumed_flags,
@@ -73,8 +73,8 @@ def get_parser(preset: str) -> argparse.ArgumentParser:
     p.add_argument("--vq-ckpt", type=str, default=None, help="checkpoint to resume from (or to --finetune)")
     p.add_argument("--finetune", action="store_true", help="start from --vq-ckpt's weights at step 0")
     p.add_argument("--ema", action="store_true", help="keep an EMA of the weights (saved as 'ema')")
-    p.add_argument("--codebook-size", type=positive_int, default=16384)
-    p.add_argument("--codebook-embed-dim", type=positive_int, default=8)
+    p.add_argument("--codebook-size", type=int, default=16384)
+    p.add_argument("--codebook-embed-dim", type=int, default=8)
     p.add_argument("--codebook-l2-norm", action=argparse.BooleanOptionalAction, default=True,
                    help="l2-normalised codes and features (--no-codebook-l2-norm: plain Euclidean codes)")
     p.add_argument("--codebook-weight", type=nonnegative_float, default=1.0)
@@ -120,13 +120,13 @@ def get_parser(preset: str) -> argparse.ArgumentParser:
     add_teacher_arguments(p, preset_factors(preset))
     p.add_argument("--teacher-image-size", type=positive_int, default=224, help="input size of the semantic teachers")
     arch = p.add_argument_group("architecture (defaults: the paper's; smaller values for CPU runs and tests)")
-    arch.add_argument("--ch", type=positive_int, default=128, help="base channels of the conv encoder/decoder")
+    arch.add_argument("--ch", type=int, default=128, help="base channels of the conv encoder/decoder")
     arch.add_argument("--ch-mult", type=str, default=None,
                       help="channel multipliers per level, e.g. 1,2,2 (default: --vq-model's)")
-    arch.add_argument("--num-res-blocks", type=positive_int, default=2)
-    arch.add_argument("--z-channels", type=positive_int, default=256)
-    arch.add_argument("--adapter-layers", type=nonnegative_int, default=6)
-    arch.add_argument("--head-layers", type=nonnegative_int, default=3)
+    arch.add_argument("--num-res-blocks", type=int, default=2)
+    arch.add_argument("--z-channels", type=int, default=256)
+    arch.add_argument("--adapter-layers", type=int, default=6)
+    arch.add_argument("--head-layers", type=int, default=3)
     p.add_argument("--vgg-path", type=str, default=None, help="torchvision vgg16-397923af.pth for LPIPS")
     p.add_argument("--max-steps", type=nonnegative_int, default=0,
                    help="stop after this many steps (0: run all epochs)")
@@ -205,13 +205,10 @@ class TrainConfig(RunConfig):
     def channel_multipliers(self) -> Optional[tuple[int, ...]]:
         if not self.ch_mult:
             return None
-        try:
-            mult = tuple(int(v) for v in self.ch_mult.split(","))
+        try:  # the values themselves are the model config's to check
+            return tuple(int(v) for v in self.ch_mult.split(","))
         except ValueError:
-            mult = ()
-        require(bool(mult) and all(m > 0 for m in mult),
-                f"--ch-mult {self.ch_mult!r}: expected comma-separated positive integers, e.g. 1,2,2")
-        return mult
+            raise ValueError(f"--ch-mult {self.ch_mult!r}: expected comma-separated integers, e.g. 1,2,2") from None
 
     @property
     def semantic(self) -> bool:

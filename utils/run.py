@@ -27,7 +27,7 @@ from utils.data import epoch_loader
 from utils.distributed import (DistInfo, all_gather_objects, cleanup, get_world_size, init_distributed,
                                is_distributed)
 from utils.flags import PRECISIONS, config_namespace, require
-from utils.logging import create_logger
+from utils.logs import create_logger
 from utils.rng import gather_rng_states, restore_rng_state, seed_everything
 from utils.runfiles import FolderInUse, FolderLock, remove_stale_temporaries
 

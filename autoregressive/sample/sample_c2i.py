@@ -34,7 +34,7 @@ from tqdm import tqdm
 from autoregressive.models import FAR_models, describe_far, load_far
 from autoregressive.sample.pipeline import ImageDecoder, auto_batch_size, sample_images
 from evaluations.inprocess import POOL, SPATIAL, InProcessFID, add_fid_arguments, write_result
-from evaluations.npz_stream import EvaluatorInputError
+from evaluations.errors import EvaluatorInputError
 from tokenizer.models import check_tokenizer_flags, describe_tokenizer, load_tokenizer
 from utils.argtypes import finite_float, nonnegative_int, positive_float, positive_int, unit_float
 from utils.checkpoint import CheckpointError, add_unsafe_load_argument, weight_preference

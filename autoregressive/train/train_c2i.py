@@ -30,7 +30,7 @@ from utils.ema import new_ema, update_ema
 from utils.factors import preset_name
 from utils.flags import (add_compat_flags, add_compile_argument, add_precision_argument, from_flags, ignored,
                          parse_flags, require)
-from utils.logging import MetricWriter
+from utils.logs import MetricWriter
 from utils.progress import MetricAverager, Throughput, report
 from utils.rng import seed_everything
 from utils.run import (Checkpoints, Position, Run, RunConfig, StopSignal, add_run_arguments, check_resumed_flags,
