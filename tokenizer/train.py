@@ -146,8 +146,6 @@ class TrainConfig(RunConfig):
     vq_model: str = "VQ-16"
     vq_ckpt: Optional[str] = None
     finetune: bool = False
-    ema: bool = False
-    ema_decay: float = 0.9999
     codebook_size: int = 16384
     codebook_embed_dim: int = 8
     codebook_l2_norm: bool = True
@@ -169,14 +167,8 @@ class TrainConfig(RunConfig):
     results_dir: str = "results_tokenizer_image"
     image_size: int = 256
     epochs: int = 40
-    lr: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.95
-    max_grad_norm: float = 1.0
     global_batch_size: int = 128
     num_workers: int = 16
-    log_every: int = 100
-    ckpt_every: int = 5000
     mixed_precision: str = "bf16"
     with_clip_supervision: bool = False
     with_disentanglement: bool = False
@@ -197,8 +189,6 @@ class TrainConfig(RunConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for flag, value in (("--beta1", self.beta1), ("--beta2", self.beta2)):
-            require(0 <= value < 1, f"{flag} {value}: must be in [0, 1)")
         self.channel_multipliers()  # a malformed --ch-mult fails here
         require(not (self.finetune and not self.vq_ckpt), "--finetune starts from --vq-ckpt's weights: give one")
 

@@ -60,7 +60,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 @dataclass(frozen=True)
 class RunConfig:
     """The flags of a run that both trainers' ``TrainConfig`` share (``add_run_arguments`` plus the batch, seed,
-    schedule and output flags ``start_run`` reads). Frozen and checked when built."""
+    schedule, optimizer and output flags, which both scripts declare with the same defaults). Frozen and checked
+    when built."""
     exp_name: str = "run"
     results_dir: str = "results"
     no_local_save: bool = False
@@ -70,6 +71,14 @@ class RunConfig:
     epochs: int = 1
     max_steps: int = 0
     mixed_precision: str = "bf16"
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    max_grad_norm: float = 1.0
+    ema: bool = False
+    ema_decay: float = 0.9999
+    log_every: int = 100
+    ckpt_every: int = 5000
     auto_resume: bool = False
     device: Optional[str] = None
     wandb: bool = False
@@ -86,6 +95,8 @@ class RunConfig:
                 f"--gradient-accumulation-steps {self.gradient_accumulation_steps}")
         require(self.mixed_precision in PRECISIONS,
                 f"--mixed-precision {self.mixed_precision}: use one of {', '.join(PRECISIONS)}")
+        for flag, value in (("--beta1", self.beta1), ("--beta2", self.beta2)):
+            require(0 <= value < 1, f"{flag} {value}: must be in [0, 1)")
         require(self.save_format in SAVE_FORMATS, f"--save-format {self.save_format}: use one of {SAVE_FORMATS}")
 
     def namespace(self) -> argparse.Namespace:

@@ -102,8 +102,6 @@ class TrainConfig(RunConfig):
     gpt_model: str = "FAR-B"
     gpt_ckpt: Optional[str] = None
     vocab_size: int = 16384
-    ema: bool = False
-    ema_decay: float = 0.9999
     cls_token_num: int = 1
     dropout_p: float = 0.1
     token_dropout_p: float = 0.1
@@ -114,21 +112,13 @@ class TrainConfig(RunConfig):
     downsample_size: int = 16
     num_classes: int = 1000
     epochs: int = 300
-    lr: float = 1e-4
     weight_decay: float = 5e-2
-    beta1: float = 0.9
-    beta2: float = 0.95
-    max_grad_norm: float = 1.0
     global_batch_size: int = 256
     num_workers: int = 4
-    log_every: int = 100
-    ckpt_every: int = 5000
     fsdp: bool = False
 
     def __post_init__(self):
         super().__post_init__()
-        for flag, value in (("--beta1", self.beta1), ("--beta2", self.beta2)):
-            require(0 <= value < 1, f"{flag} {value}: must be in [0, 1)")
         require(self.image_size % self.downsample_size == 0,
                 f"--image-size {self.image_size} is not a multiple of --downsample-size {self.downsample_size}")
         require(not (self.fsdp and self.ema),
