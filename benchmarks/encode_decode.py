@@ -12,44 +12,22 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
-import time
 from contextlib import nullcontext
-
+from typing import Optional
 
 import torch
 
+from benchmarks.timing import peak_memory_gb, timed
 from tokenizer.models import FactorizedTokenizer
+from utils.flags import add_precision_argument, torch_dtype
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device, iters: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    t = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - t) / iters
-
-
-def _peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
-
-
-def autocast_for(device: torch.device, choice: str):
-    """(autocast context factory, dtype name) for --dtype auto / fp32 / bf16 (auto: bf16 on GPU, fp32 on CPU)."""
-    bf16 = choice == "bf16" or (choice == "auto" and device.type == "cuda")
-    if not bf16:
-        return nullcontext, "fp32"
-    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), "bf16"
+def autocast_for(device: torch.device, choice: Optional[str]):
+    """(autocast context factory, dtype name) for --dtype (default: bf16 on GPU, fp32 on CPU)."""
+    name = choice or ("bf16" if device.type == "cuda" else "fp32")
+    if name == "fp32":
+        return nullcontext, name
+    return (lambda: torch.autocast(device.type, dtype=torch_dtype(name))), name
 
 
 def main() -> None:
@@ -61,8 +39,7 @@ def main() -> None:
     p.add_argument("--train-batch-size", type=int, default=2)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="autocast dtype (auto: bf16 on GPU, fp32 on CPU)")
+    add_precision_argument(p, "--dtype", None, "autocast dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--encode-memory-images", type=int, default=0,
                    help="also encode this many images in one call and report the peak memory (e.g. 64)")
     args = p.parse_args()
@@ -81,13 +58,13 @@ def main() -> None:
         big = torch.rand(args.encode_memory_images, 3, args.image_size, args.image_size, device=device) * 2 - 1
         with torch.no_grad(), amp():
             model.encode_indices(big)
-        peak = round(_peak_memory_gb(device), 3)
+        peak = round(peak_memory_gb(device), 3)
         del big
     model.eval()
     with torch.no_grad(), amp():
         idx = model.encode_indices(x, batch_size=batch)
-        enc_s = _timed(lambda: model.encode_indices(x, batch_size=batch), device, args.iters)
-        dec_s = _timed(lambda: model.decode_indices(idx, batch_size=batch), device, args.iters)
+        enc_s = timed(lambda: model.encode_indices(x, batch_size=batch), device, args.iters)
+        dec_s = timed(lambda: model.decode_indices(idx, batch_size=batch), device, args.iters)
 
     model.train()
     xt = x[:args.train_batch_size].contiguous()
@@ -102,7 +79,7 @@ def main() -> None:
         loss.backward()
         model.zero_grad(set_to_none=True)
 
-    train_s = _timed(train_step, device, args.iters)
+    train_s = timed(train_step, device, args.iters)
     result = {
         "benchmark": "tokenizer", "preset": args.preset, "vq_model": args.vq_model,
         "image_size": args.image_size, "device": str(device),

@@ -7,7 +7,7 @@
 Times what the evaluator does per batch (uint8 images in, pool_3 and mixed_6/conv features back in host memory,
 the next batch prefetched), after one warm-up batch (cudnn.benchmark / oneDNN set-up). Uses the real
 classify_image_graph_def.pb when --graph is given or the evaluator finds it, else a full-size stand-in with the
-real graph's layout and shapes and random weights (evaluations/standin.py; built without TensorFlow, ~100 MB in a
+real graph's layout and shapes and random weights (benchmarks/standin.py; built without TensorFlow, ~100 MB in a
 temporary folder). On CUDA the torch line also gives the peak memory and the largest difference of its features
 from the same backend on the CPU (TF32 off, so expect ~1e-5 relative). The TensorFlow line says "skipped" when
 TensorFlow cannot be imported.
@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.standin import write_standin_graph
 from evaluations.inception import InceptionBackend, InceptionGraphMissing, find_inception_graph
 from evaluations.inception_torch import TorchBackendConfig, TorchInception
-from evaluations.standin import write_standin_graph
 
 
 def _time_backend(net: InceptionBackend, batch: np.ndarray, images: int) -> dict:

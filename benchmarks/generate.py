@@ -27,10 +27,9 @@ import torch
 
 from autoregressive.models.far import ATTENTION_KERNELS, FAR, FAR_models, far_config
 from autoregressive.models.generate import generate
+from benchmarks.timing import sync
 from utils.factors import factor_count
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
+from utils.flags import add_compile_argument, add_precision_argument, torch_dtype
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,11 +40,11 @@ def main(argv=None) -> dict:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on cuda, else float32")
+    add_precision_argument(p, "--dtype", None, "default: bf16 on cuda, else fp32")
     p.add_argument("--num-positions", type=int, default=256, help="positions generated per image (timed)")
     p.add_argument("--warmup", type=int, default=8, help="positions of the untimed warm-up generation")
     p.add_argument("--repeats", type=int, default=1, help="timed generations; the fastest is reported")
-    p.add_argument("--compile", action="store_true", help="torch.compile the position step (CUDA graphs on GPU)")
+    add_compile_argument(p, False, "torch.compile the position step (CUDA graphs on GPU)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="capture every position as a CUDA graph (default: with --compile on CUDA)")
     p.add_argument("--attention", default="sdpa", choices=ATTENTION_KERNELS,
@@ -61,7 +60,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     factors = factor_count(args.factors)
     cfg = far_config(args.gpt_model, factors)
     if not 1 <= args.num_positions <= cfg.block_size:
@@ -71,28 +70,24 @@ def main(argv=None) -> dict:
         model = FAR(cfg)
     for f in range(cfg.num_factors):  # the init zeroes output layers; random ones give non-trivial sampling
         torch.nn.init.normal_(model.output(f).weight, std=cfg.initializer_range)
-    model = model.to(DTYPES[dtype_name]).eval()
+    model = model.to(torch_dtype(dtype_name)).eval()
     labels = torch.randint(0, cfg.num_classes, (args.batch_size,), device=device)
     graphs = args.cuda_graphs if args.cuda_graphs is not None else args.compile and device.type == "cuda"
     kw = dict(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, compile=args.compile,
               cuda_graphs=graphs, seed=args.seed, attention=args.attention)
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
     t0 = time.perf_counter()
     if graphs:  # graphs are captured per shape: warm up with the timed one
         generate(model, labels, args.num_positions, **kw)
     elif args.warmup > 0:
         generate(model, labels, min(max(args.warmup, 2), cfg.block_size), **kw)  # >= 2: compiles the step
-    sync()
+    sync(device)
     setup_s = time.perf_counter() - t0
     best = float("inf")
     for _ in range(max(1, args.repeats)):
         t0 = time.perf_counter()
         generate(model, labels, args.num_positions, **kw)
-        sync()
+        sync(device)
         best = min(best, time.perf_counter() - t0)
 
     tokens_per_s = args.num_positions * args.batch_size / best

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.encode_decode import _sync
+from benchmarks.timing import sync
 from tokenizer.models import FactorizedTokenizer
 from tokenizer.reconstruct import image_metrics
 from utils.images import to_uint8
@@ -47,11 +47,11 @@ def main(argv=None) -> dict:
         return to_uint8(rec).cpu().numpy()
 
     model_part()
-    _sync(device)
+    sync(device)
     t = time.perf_counter()
     for _ in range(args.iters):
         rec = model_part()
-    _sync(device)
+    sync(device)
     model_s = (time.perf_counter() - t) / args.iters / batch
     target = (x.permute(0, 2, 3, 1).cpu().numpy() + 1) / 2
     t = time.perf_counter()

@@ -23,10 +23,11 @@ import torch
 
 from autoregressive.data.code_store import CodeStoreWriter
 from autoregressive.models.far import FAR_models
-from autoregressive.train.train_c2i import build, get_parser, train_step
-from benchmarks.encode_decode import _peak_memory_gb, _sync
+from autoregressive.train.train_c2i import build, parse_config, train_step
+from benchmarks.timing import peak_memory_gb, sync
 from utils.distributed import all_gather_objects, cleanup, get_world_size, init_distributed
 from utils.factors import factor_count, factor_names
+from utils.flags import add_compile_argument, add_precision_argument
 
 
 def random_code_store(root: Path, items: int, factors: int, vocab: int, classes: int) -> Path:
@@ -45,8 +46,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=None, help="per process; default 64 on a GPU, 4 on CPU")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--mixed-precision", default="bf16", choices=["none", "bf16", "fp16"])
-    p.add_argument("--no-compile", action="store_true")
+    add_precision_argument(p, "--mixed-precision", "bf16")
+    add_compile_argument(p, True, "torch.compile the model (GPU only, as train_c2i.py)")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 (run under torchrun)")
     args = p.parse_args(argv)
     args.batch_size = args.batch_size or (64 if args.device.startswith("cuda") else 4)
@@ -60,32 +61,32 @@ def main(argv=None) -> dict:
                  "--code-path", str(d / "codes"), "--global-batch-size", str(args.batch_size * world),
                  "--num-workers", "0", "--device", args.device, "--mixed-precision", args.mixed_precision,
                  "--log-every", "1000000", "--no-local-save"]
-        flags += ["--no-compile"] if args.no_compile else []
+        flags += [] if args.compile else ["--no-compile"]
         flags += ["--fsdp"] if args.fsdp else []
-        t = build(get_parser(factors).parse_args(flags), factors)
+        t = build(parse_config(flags, factors), factors)
         device = t.run.info.device
         codes = torch.randint(0, 16384, (args.batch_size, 256, factors), device=device)
         labels = torch.randint(0, 1000, (args.batch_size,), device=device)
         t0 = time.perf_counter()
         for _ in range(2):  # warm-up: compilation, autotuning, allocations
             train_step(t, codes, labels)
-        _sync(device)
+        sync(device)
         warmup_s = time.perf_counter() - t0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         for _ in range(args.iters):
             logs, _ = train_step(t, codes, labels)
-        _sync(device)
+        sync(device)
         sec = (time.perf_counter() - t0) / args.iters
         result = {"benchmark": "train_far", "gpt_model": args.gpt_model, "factors": factors,
                   "batch_size_per_process": args.batch_size, "processes": world,
                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                   "mixed_precision": args.mixed_precision if device.type == "cuda" else "fp32",
-                  "compile": not args.no_compile and device.type == "cuda", "fsdp": args.fsdp,
+                  "compile": args.compile and device.type == "cuda", "fsdp": args.fsdp,
                   "seconds_per_step": round(sec, 4), "steps_per_s": round(1 / sec, 3),
                   "images_per_s": round(args.batch_size * world / sec, 1),
-                  "peak_memory_gb": round(_peak_memory_gb(device), 2), "warmup_s": round(warmup_s, 1),
+                  "peak_memory_gb": round(peak_memory_gb(device), 2), "warmup_s": round(warmup_s, 1),
                   "loss": round(float(logs["loss"]), 4), "torch": torch.__version__}
         if t.run.info.is_main:
             print(json.dumps(result), flush=True)

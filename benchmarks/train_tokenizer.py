@@ -28,8 +28,9 @@ import torch
 import torchvision
 from PIL import Image
 
-from benchmarks.encode_decode import _peak_memory_gb, _sync
-from tokenizer.train import build, get_parser, train_step
+from benchmarks.timing import peak_memory_gb, sync
+from tokenizer.train import build, parse_config, train_step
+from utils.flags import add_compile_argument, add_precision_argument
 
 
 def random_image_folder(root: Path, n: int, size: int) -> Path:
@@ -57,28 +58,28 @@ def run(kind: str, args, tmp: Path) -> dict:
     else:
         flags += ["--perceptual-weight", "1", "--vgg-path", str(tmp / "vgg16.pth"), "--disc-start", "0"]
     flags += ["--compile"] if args.compile else []
-    t = build(get_parser(args.preset).parse_args(flags), args.preset)
+    t = build(parse_config(flags, args.preset), args.preset)
     device = t.run.info.device
     x = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1
     t0 = time.perf_counter()
     train_step(t, x, 1)  # warm-up: compilation, cuDNN autotuning, allocations
-    _sync(device)
+    sync(device)
     compile_s = time.perf_counter() - t0
     train_step(t, x, 2)
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for i in range(args.iters):
         logs, _, _ = train_step(t, x, 3 + i)
-    _sync(device)
+    sync(device)
     sec = (time.perf_counter() - t0) / args.iters
     return {"benchmark": "train_tokenizer", "step": kind, "preset": args.preset, "vq_model": args.vq_model,
             "batch_size": args.batch_size, "image_size": args.image_size,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "mixed_precision": args.mixed_precision if device.type == "cuda" else "fp32",
             "compile": args.compile, "channels_last": args.channels_last, "seconds_per_step": round(sec, 4),
-            "images_per_s": round(args.batch_size / sec, 2), "peak_memory_gb": round(_peak_memory_gb(device), 2),
+            "images_per_s": round(args.batch_size / sec, 2), "peak_memory_gb": round(peak_memory_gb(device), 2),
             "first_step_s": round(compile_s, 1), "loss": round(float(logs["loss"]), 4), "torch": torch.__version__}
 
 
@@ -91,8 +92,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--steps", default="model,full", help="comma-separated step kinds: model, full")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--mixed-precision", default="bf16", choices=["none", "bf16", "fp16"])
-    p.add_argument("--compile", action="store_true")
+    add_precision_argument(p, "--mixed-precision", "bf16")
+    add_compile_argument(p, False, "torch.compile the tokenizer, LPIPS and the discriminator (as --compile)")
     p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
     args = p.parse_args(argv)
     args.batch_size = args.batch_size or (32 if args.device.startswith("cuda") else 2)

@@ -31,9 +31,10 @@ if __name__ == "__main__":
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
 
 from evaluations import metrics
+from evaluations.errors import EvaluatorInputError
 from evaluations.inception import BACKENDS, choose_backend, file_sha256, find_inception_graph, open_backend
-from evaluations.npz_stream import (EvaluatorInputError, ImageArrayInfo, iter_batches, num_batches,
-                                    read_precomputed_statistics, validate_images)
+from evaluations.npz_stream import (ImageArrayInfo, iter_batches, num_batches, read_precomputed_statistics,
+                                    validate_images)
 from evaluations.scoring import EvalResult, reference_statistics, score
 from utils.argtypes import positive_int
 

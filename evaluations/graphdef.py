@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from evaluations.npz_stream import EvaluatorInputError
+from evaluations.errors import EvaluatorInputError
 
 # TensorFlow DataType enum values (tensorflow/core/framework/types.proto) -> (numpy dtype, TensorProto field).
 _DTYPES = {1: (np.float32, "float_val"), 2: (np.float64, "double_val"), 3: (np.int32, "int_val"),

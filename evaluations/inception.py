@@ -21,7 +21,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from evaluations import metrics
-from evaluations.npz_stream import EvaluatorInputError, prefetch
+from evaluations.errors import EvaluatorInputError
+from evaluations.npz_stream import prefetch
 
 GRAPH_FILENAME = "classify_image_graph_def.pb"
 GRAPH_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/classify_image_graph_def.pb"

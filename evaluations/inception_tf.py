@@ -9,7 +9,7 @@ import numpy as np
 
 from evaluations.inception import (BATCH_SIZE, INPUT_TENSOR, POOL_TENSOR, SOFTMAX_MATMUL_OP, SPATIAL_CHANNELS,
                                    SPATIAL_TENSOR, InceptionBackend)
-from evaluations.npz_stream import EvaluatorInputError
+from evaluations.errors import EvaluatorInputError
 
 
 def import_tf():

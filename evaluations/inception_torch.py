@@ -23,7 +23,7 @@ from evaluations import graphdef
 from evaluations.graphdef import GraphFormatError, Program
 from evaluations.inception import (BATCH_SIZE, INPUT_TENSOR, POOL_TENSOR, SOFTMAX_MATMUL_OP, SPATIAL_CHANNELS,
                                    SPATIAL_TENSOR, InceptionBackend, cache_dir, file_sha256, warn)
-from evaluations.npz_stream import EvaluatorInputError
+from evaluations.errors import EvaluatorInputError
 from evaluations.torch_graph import TorchGraph
 
 GPU_BATCH_SIZE = 500  # ~8 GB of activations in float32; a GPU needs large batches to be busy

@@ -17,7 +17,8 @@ import torch
 
 from evaluations.inception import file_sha256, find_inception_graph
 from evaluations.inception_torch import TorchBackendConfig, TorchInception
-from evaluations.npz_stream import MIN_IMAGES, EvaluatorInputError, validate_images
+from evaluations.errors import EvaluatorInputError
+from evaluations.npz_stream import MIN_IMAGES, validate_images
 from evaluations.scoring import EvalResult, reference_statistics, score
 
 POOL, SPATIAL = "inception_pool", "inception_spatial"  # the per-row feature arrays among the npz parts

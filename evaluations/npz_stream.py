@@ -17,13 +17,11 @@ from typing import IO, Iterable, Iterator, TypeVar
 
 import numpy as np
 
+from evaluations.errors import EvaluatorInputError
+
 ARRAY_NAME = "arr_0"
 # Precision/recall takes each point's 3rd nearest neighbour besides itself, so fewer than 4 images cannot work.
 MIN_IMAGES = 4
-
-
-class EvaluatorInputError(ValueError):
-    """A problem with the user's input, reported as one line without a traceback."""
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from typing import NamedTuple
 import numpy as np
 
 from evaluations import metrics
+from evaluations.errors import EvaluatorInputError
 from evaluations.inception import InceptionBackend, cache_dir, file_sha256, warn
-from evaluations.npz_stream import (EvaluatorInputError, ImageArrayInfo, iter_batches, num_batches,
-                                    read_precomputed_statistics)
+from evaluations.npz_stream import ImageArrayInfo, iter_batches, num_batches, read_precomputed_statistics
 
 REF_CACHE_FORMAT = 1  # bump when what an entry holds changes
 

@@ -29,7 +29,7 @@ def data(tmp_path_factory):
 def setup(tmp_path_factory):
     """A folder with tiny dual / triple tokenizers and the dual one's ten-crop code store of 12 photos."""
     from demo.photos import build_photo_folder
-    from test_reconstruction_eval import torchrun
+    from helpers import torchrun
     from tiny import tiny_tokenizer_config
     from tokenizer.models import FactorizedTokenizer, save_tokenizer
 
@@ -43,3 +43,10 @@ def setup(tmp_path_factory):
                  "--ten-crop", "--crop-range", 1.1, "--num-workers", 0, cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]
     return root
+
+
+@pytest.fixture
+def private_cache(tmp_path_factory, monkeypatch):
+    """The torch backend caches converted graphs under $XDG_CACHE_HOME/fqgan: keep tests out of the user's cache
+    (``pytestmark = pytest.mark.usefixtures("private_cache")``)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg_cache"))

@@ -82,7 +82,7 @@ def _entry_points(evil: Path, root: Path, tmp: Path):
     from tokenizer.reconstruct import main as reconstruct
     from tokenizer.reconstruct_image import main as reconstruct_image
     from tokenizer.train import main as train_tokenizer
-    from utils.convert import main as convert
+    from autoregressive.convert import main as convert
 
     data, ckpt = str(root / "data"), str(evil)
     image = str(next((root / "data" / "cat").iterdir()))
@@ -108,7 +108,7 @@ def _entry_points(evil: Path, root: Path, tmp: Path):
         "train_c2i_dual.py --gpt-ckpt": lambda: train_far(
             ["--code-path", str(root / "codes"), *far_args, "--exp-name", "x", "--results-dir", str(tmp),
              "--gpt-ckpt", ckpt], num_factors=2),
-        "python -m utils.convert": lambda: convert([ckpt, str(tmp / "out.safetensors")]),
+        "python -m autoregressive.convert": lambda: convert([ckpt, str(tmp / "out.safetensors")]),
     }
 
 
@@ -184,7 +184,7 @@ def test_released_layout_files_saved_as_the_original_saves_them_load(tmp_path):
 # 2. safetensors, convert, hf:// names
 # ------------------------------------------------------------------------------------------------------------
 def test_safetensors_files_and_convert(files, tmp_path):
-    from utils.convert import main as convert
+    from autoregressive.convert import main as convert
 
     model = _tokenizer(0, adapter_heads=4)  # a field no weight shape tells: only the stored config knows it
     save_tokenizer(tmp_path / "tok.safetensors", model)

@@ -11,9 +11,7 @@ import pytest
 import torch
 
 from autoregressive.train import train_c2i
-from test_far_pipeline import FAR_TINY
-from test_reconstruction_eval import free_port
-from test_tokenizer_training import TINY
+from helpers import FAR_TINY, TINY, free_port
 from tokenizer import train as tokenizer_train
 
 pytestmark = [pytest.mark.cuda,
@@ -22,11 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tokenizer_run(data, tmp_path, precision: str, compiled: bool) -> list[dict]:
-    args = tokenizer_train.get_parser("dual").parse_args(
+    cfg = tokenizer_train.parse_config(
         ["--data-path", str(data), *TINY, "--global-batch-size", "4", "--disc-start", "2", "--exp-name", "c",
          "--results-dir", str(tmp_path / f"{precision}-{compiled}"), "--no-local-save", "--device", "cuda",
-         "--mixed-precision", precision] + (["--compile"] if compiled else []))
-    t = tokenizer_train.build(args, "dual")
+         "--mixed-precision", precision] + (["--compile"] if compiled else []), "dual")
+    t = tokenizer_train.build(cfg, "dual")
     gen = torch.Generator().manual_seed(0)
     out = []
     for step in (1, 2, 3, 4):
@@ -84,11 +82,11 @@ def code_store(tmp_path_factory):
 def test_compiled_bf16_far_steps_match_eager(code_store, tmp_path):
     losses = {}
     for compiled in (False, True):
-        args = train_c2i.get_parser(2).parse_args(
+        cfg = train_c2i.parse_config(
             ["--code-path", str(code_store), *FAR_TINY, "--global-batch-size", "4", "--exp-name", "c",
              "--results-dir", str(tmp_path / str(compiled)), "--no-local-save", "--dropout-p", "0",
-             "--token-dropout-p", "0", "--device", "cuda"] + ([] if compiled else ["--no-compile"]))
-        t = train_c2i.build(args, 2)
+             "--token-dropout-p", "0", "--device", "cuda"] + ([] if compiled else ["--no-compile"]), 2)
+        t = train_c2i.build(cfg, 2)
         gen = torch.Generator().manual_seed(0)
         steps = []
         for _ in range(3):

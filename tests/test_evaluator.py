@@ -1,9 +1,6 @@
 """evaluations/: metric arithmetic against independent computations, npz streaming, one-line input errors, and the
 TensorFlow plumbing end to end on a tiny stand-in for the Inception graph (the real one cannot be downloaded here)."""
 import io
-import os
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -13,17 +10,12 @@ from scipy import special
 
 from evaluations import metrics
 from evaluations.inception import GRAPH_FILENAME, GRAPH_URL, find_inception_graph
-from evaluations.npz_stream import EvaluatorInputError, iter_batches, validate_images
+from evaluations.errors import EvaluatorInputError
+from evaluations.npz_stream import iter_batches, validate_images
+from helpers import LABELS, NUM_CLASSES, POOL_DIM, parse_numbers, photo_crops, run_cli, write_fake_inception
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "evaluations" / "evaluator.py"
-LABELS = ("Inception Score", "FID", "sFID", "Precision", "Recall")
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory, monkeypatch):
-    # The torch backend caches converted graphs under $XDG_CACHE_HOME/fqgan: keep tests out of the user's cache.
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg_cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 # ---------------------------------------------------------------- FID
@@ -194,17 +186,6 @@ def test_truncated_array_is_rejected(tmp_path):
 
 # ---------------------------------------------------------------- photographs and CLI helpers
 
-def photo_crops(size=64, offset=0):
-    from skimage import data
-    crops = []
-    for img in (data.astronaut(), data.coffee(), data.chelsea(), data.rocket()):
-        for i in range(3):
-            for j in range(4):
-                y, x = offset + i * size, offset + j * size
-                crops.append(img[y:y + size, x:x + size])
-    return np.stack(crops)  # 48 x size x size x 3 uint8
-
-
 @pytest.fixture(scope="module")
 def npz_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("npz")
@@ -216,13 +197,6 @@ def npz_files(tmp_path_factory):
     np.savez(d / "gray.npz", files["ref"][..., 0])
     np.savez(d / "chw.npz", files["ref"].transpose(0, 3, 1, 2))
     return d
-
-
-def run_cli(*args, cwd, env_extra=None):
-    env = {k: v for k, v in os.environ.items() if k != "INCEPTION_GRAPH"}
-    env.update(XDG_CACHE_HOME=str(cwd / "cache"), TF_CPP_MIN_LOG_LEVEL="2", **(env_extra or {}))
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=300)
 
 
 def assert_one_line_error(proc, *needles):
@@ -275,50 +249,9 @@ def test_graph_search_order(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- TensorFlow plumbing with a stand-in graph
 
-POOL_DIM, NUM_CLASSES = 16, 10
-
-
-def write_fake_inception(path, with_spatial=True):
-    """A tiny graph with the real graph's interface: DecodeJpeg -> Cast -> ExpandDims -> ResizeBilinear ->
-    scaling, `mixed_6/conv` (here [N, 2, 2, 8]; 2x2x7 = 28 sFID features), `pool_3` ([N, 1, 1, 16]), a
-    `pool_3/_reshape` with a hard-coded batch of 1 as in the real graph, and `softmax/logits/MatMul` + bias."""
-    tf = pytest.importorskip("tensorflow").compat.v1
-    rng = np.random.default_rng(0)
-
-    def const(*shape):
-        return tf.constant(rng.normal(0, 0.5, shape), tf.float32)
-
-    g = tf.Graph()
-    with g.as_default():
-        img = tf.image.decode_jpeg(tf.constant(b"", name="DecodeJpeg/contents"), channels=3, name="DecodeJpeg")
-        x = tf.expand_dims(tf.cast(img, tf.float32, name="Cast"), 0, name="ExpandDims")
-        x = tf.image.resize_bilinear(x, [32, 32], name="ResizeBilinear")
-        x = tf.multiply(tf.subtract(x, 128.0, name="Sub"), 1 / 128, name="Mul")
-        x = tf.nn.relu(tf.nn.conv2d(x, const(3, 3, 3, 8), [1, 2, 2, 1], "SAME"))
-        x = tf.nn.avg_pool(x, [1, 8, 8, 1], [1, 8, 8, 1], "VALID")
-        if with_spatial:
-            x = tf.nn.conv2d(x, const(1, 1, 8, 8), [1, 1, 1, 1], "SAME", name="mixed_6/conv")
-        x = tf.nn.conv2d(tf.nn.relu(x), const(1, 1, 8, POOL_DIM), [1, 1, 1, 1], "SAME")
-        pool = tf.nn.avg_pool(x, [1, 2, 2, 1], [1, 2, 2, 1], "VALID", name="pool_3")
-        flat = tf.reshape(pool, [1, POOL_DIM], name="pool_3/_reshape")
-        logits = tf.matmul(flat, const(POOL_DIM, NUM_CLASSES), name="softmax/logits/MatMul")
-        tf.nn.softmax(tf.nn.bias_add(logits, const(NUM_CLASSES), name="softmax/logits"), name="softmax")
-    Path(path).write_bytes(g.as_graph_def().SerializeToString())
-    return path
-
-
 @pytest.fixture(scope="module")
 def fake_graph(tmp_path_factory):
     return write_fake_inception(tmp_path_factory.mktemp("graph") / GRAPH_FILENAME)
-
-
-def parse_numbers(text):
-    values = {}
-    for ln in text.splitlines():
-        label, sep, value = ln.partition(": ")
-        if sep and label in LABELS:
-            values[label] = float(value)
-    return values
 
 
 def test_cli_end_to_end(npz_files, fake_graph, tmp_path):

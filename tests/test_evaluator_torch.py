@@ -1,5 +1,5 @@
 """The evaluator's torch backend against TensorFlow: each op type of the Inception graph on its own, then a stand-in
-with the real graph's layout (evaluations/standin.py: its node names, op types, BatchNormWithGlobalNormalization in
+with the real graph's layout (benchmarks/standin.py: its node names, op types, BatchNormWithGlobalNormalization in
 a producer-8 GraphDef, random weights), features and the five numbers; the CLI in a process where `import
 tensorflow` fails; the conversion cache, one-line errors, backend choice, the benchmark script."""
 import json
@@ -15,16 +15,18 @@ from evaluations import graphdef, metrics
 from evaluations.inception import GRAPH_FILENAME, choose_backend
 from evaluations.inception_torch import (TorchBackendConfig, TorchInception, _squared_distances, exact_float32,
                                          load_converted)
-from evaluations.npz_stream import EvaluatorInputError, prefetch
-from evaluations.standin import write_standin_graph
+from evaluations.errors import EvaluatorInputError
+from evaluations.npz_stream import prefetch
 from evaluations.torch_graph import TorchGraph
-from test_evaluator import LABELS, parse_numbers, photo_crops, private_cache, run_cli  # noqa: F401 (fixture)
+from benchmarks.standin import write_standin_graph
+from helpers import LABELS, parse_numbers, photo_crops, run_cli
 
 try:  # the comparisons need TensorFlow; the rest (CUDA check included) runs on machines without it
     import tensorflow.compat.v1 as tf
 except ImportError:
     tf = None
 needs_tf = pytest.mark.skipif(tf is None, reason="needs TensorFlow")
+pytestmark = pytest.mark.usefixtures("private_cache")
 WIDTH = 0.125  # stand-in channels / 8: every node of the real graph, ~1/64 of its compute
 
 

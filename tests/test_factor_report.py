@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from demo.photos import build_photo_folder
-from test_reconstruction_eval import torchrun
+from helpers import torchrun
 from tiny import tiny_tokenizer_config
 from tokenizer.factor_metrics import codebook_stats, cv_plan, separability, tsne
 from tokenizer.factor_report import main, select_images

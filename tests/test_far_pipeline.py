@@ -12,12 +12,10 @@ import torch
 from autoregressive.data.code_store import CodeDataset
 from autoregressive.sample.sample_c2i import main as sample_main
 from demo.photos import build_photo_folder
-from test_reconstruction_eval import torchrun
+from helpers import FAR_TINY, torchrun
 from utils.checkpoint import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-FAR_TINY = ["--gpt-model", "FAR-T", "--vocab-size", "64", "--image-size", "32", "--downsample-size", "4",
-            "--num-classes", "3", "--num-workers", "0", "--log-every", "1"]
 
 
 def metrics(path):

@@ -18,9 +18,8 @@ from evaluations.inception import GRAPH_FILENAME, file_sha256
 from evaluations.inception_torch import TorchBackendConfig, TorchInception
 from evaluations.npz_stream import validate_images
 from evaluations.scoring import reference_statistics
-from evaluations.standin import write_standin_graph
-from test_evaluator import photo_crops
-from test_reconstruction_eval import torchrun
+from benchmarks.standin import write_standin_graph
+from helpers import photo_crops, torchrun
 from tiny import tiny_tokenizer_config
 from tokenizer.models import FactorizedTokenizer, save_tokenizer
 

@@ -1,46 +1,19 @@
 """Faults during training: a preemption signal (SIGTERM through torchrun, SIGUSR1 to one process) stops every rank
 after its step with a checkpoint that resumes exactly; non-finite losses skip the update and, in a row, stop the
 run without a bad checkpoint."""
-import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from test_far_pipeline import FAR_TINY
-from test_reconstruction_eval import free_port
-from test_tokenizer_training import TINY
+from helpers import FAR_TINY, TINY, interrupt, metrics, torchrun_cmd
 from utils.steps import NonFiniteGuard, optimizer_step
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
-def interrupt(cmd: list, metrics_file: Path, sig: int, cwd: Path, after_steps: int = 2):
-    """Start ``cmd``, send ``sig`` once ``metrics_file`` shows ``after_steps`` logged steps, wait for the exit."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=cwd, env=env)
-    deadline = time.time() + 240
-    while len(metrics(metrics_file)) < after_steps and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
-    return proc.returncode, out, err
-
-
-def torchrun_cmd(script: str, *args) -> list:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1", "--node_rank=0",
-            f"--master_port={free_port()}", ROOT / script, *args]
 
 
 def sigterm_torchrun(root: Path, name: str, common: list) -> int:

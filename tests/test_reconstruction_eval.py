@@ -1,7 +1,6 @@
 """val_ddp.py and reconstruction_vq_ddp_{dual,triple}.py end to end, with 2 CPU processes under torchrun."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 from PIL import Image
 
 from demo.photos import build_photo_folder
+from helpers import torchrun  # (also imported from here by test_generate_cuda.py)
 from tiny import tiny_tokenizer_config
 from tokenizer.models import FactorizedTokenizer, load_tokenizer, save_tokenizer
 from tokenizer.reconstruct import image_metrics
@@ -19,20 +19,6 @@ from utils.data import center_crop_arr, find_images, to_model_range
 from utils.images import to_uint8
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(script, *args, nproc=2, cwd, gpu=False):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-           "--node_rank=0", f"--master_port={free_port()}", str(ROOT / script), *map(str, args)]
-    # CPU processes with gloo unless `gpu`, also on a machine with a GPU (two ranks cannot share one under NCCL)
-    env = dict(os.environ, OMP_NUM_THREADS="1", **({} if gpu else {"CUDA_VISIBLE_DEVICES": ""}))
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
 @pytest.fixture(scope="module")

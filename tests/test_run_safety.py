@@ -14,9 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from test_far_pipeline import FAR_TINY
-from test_preemption import interrupt, metrics, torchrun_cmd
-from test_tokenizer_training import TINY
+from helpers import FAR_TINY, TINY, interrupt, metrics, torchrun_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
 FAR_TRAIN = "autoregressive/train/train_c2i_dual.py"
@@ -390,7 +388,7 @@ def test_launch_scripts_check_their_counts(env, message, tmp_path):
 
 
 def test_evaluator_warns_for_tiny_batches_and_survives_a_read_only_folder(tmp_path):
-    from test_evaluator import photo_crops, write_fake_inception
+    from helpers import photo_crops, write_fake_inception
     from evaluations.evaluator import main
 
     graph = write_fake_inception(tmp_path / "graph.pb")

@@ -10,15 +10,11 @@ import torch
 import transformers
 
 from demo.photos import build_photo_folder
-from test_reconstruction_eval import torchrun
+from helpers import TINY, free_port, torchrun
 from tokenizer.models import load_tokenizer
 from utils.checkpoint import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--image-size", "32", "--ch", "32", "--ch-mult", "1,2,2", "--num-res-blocks", "1", "--z-channels", "32",
-        "--adapter-layers", "1", "--head-layers", "1", "--codebook-size", "64", "--codebook-embed-dim", "4",
-        "--perceptual-weight", "0", "--num-workers", "0", "--log-every", "1", "--entropy-loss-ratio", "0.03",
-        "--with_disentanglement"]
 
 
 def metrics(exp_dir):
@@ -73,10 +69,10 @@ def test_discriminator_step_runs_its_ddp_module_once_per_micro_batch(data, tmp_p
     step runs both batches in one call of its module (``RealAndFake``), once per micro-batch."""
     from tokenizer import train as tokenizer_train
 
-    args = tokenizer_train.get_parser("dual").parse_args(
+    cfg = tokenizer_train.parse_config(
         ["--data-path", str(data), *TINY, "--global-batch-size", "4", "--gradient-accumulation-steps", "2",
-         "--disc-start", "1", "--exp-name", "d", "--results-dir", str(tmp_path), "--no-local-save"])
-    t = tokenizer_train.build(args, "dual")
+         "--disc-start", "1", "--exp-name", "d", "--results-dir", str(tmp_path), "--no-local-save"], "dual")
+    t = tokenizer_train.build(cfg, "dual")
     calls = []
     t.train_disc.register_forward_pre_hook(lambda module, inputs: calls.append(len(inputs)))
     logs, _, _ = tokenizer_train.train_step(t, torch.rand(4, 3, 32, 32) * 2 - 1, step=1)
@@ -139,7 +135,6 @@ def test_missing_teacher_and_vgg_messages(data, tmp_path):
 
 def test_launch_script_with_environment_overrides(data, tmp_path):
     """train_fqgan_triple.sh: torchrun settings and the data path from the environment, extra flags win."""
-    from test_reconstruction_eval import free_port
 
     env = dict(os.environ, NPROC_PER_NODE="2", DATA_PATH=str(data), MASTER_PORT=str(free_port()),
                OMP_NUM_THREADS="1", EXP_NAME="script")

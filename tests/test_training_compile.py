@@ -14,11 +14,9 @@ import torch._inductor.config
 
 from autoregressive.models import FAR, far_config
 from autoregressive.train import train_c2i
-from test_far_pipeline import FAR_TINY
-from test_tokenizer_training import TINY
+from helpers import FAR_TINY, TINY
 from tiny import tiny_tokenizer_config
 from tokenizer import train as tokenizer_train
-from tokenizer.losses import RealAndFake
 from tokenizer.models import FactorizedTokenizer
 
 CPU_BACKEND = "aot_eager"
@@ -43,14 +41,13 @@ def random_ops_like_eager():
 
 
 def _tokenizer_losses(data, tmp_path, backend, disc_start: int = 2, extra=()) -> list[dict]:
-    args = tokenizer_train.get_parser("dual").parse_args(
+    cfg = tokenizer_train.parse_config(
         ["--data-path", str(data), *TINY, *extra, "--global-batch-size", "4", "--disc-start", str(disc_start),
-         "--exp-name", "c", "--results-dir", str(tmp_path / str(backend)), "--no-local-save"])
-    t = tokenizer_train.build(args, "dual")
-    if backend:
-        t.train_model = torch.compile(t.model, backend=backend)
-        t.run_disc = torch.compile(t.disc, backend=backend)
-        t.train_disc = RealAndFake(t.run_disc)
+         "--exp-name", "c", "--results-dir", str(tmp_path / str(backend)), "--no-local-save"], "dual")
+    t = tokenizer_train.build(cfg, "dual")
+    if backend:  # as --compile does (in place: the updates run the compiled modules), with the test's backend
+        t.model.compile(backend=backend)
+        t.disc.compile(backend=backend)
     gen = torch.Generator().manual_seed(0)
     out = []
     for step in (1, 2, 3):  # with --disc-start 2 the GAN switches on at step 2: both graphs of the discriminator
@@ -81,11 +78,11 @@ def test_inductor_tokenizer_steps_match_eager(data, tmp_path):
 
 
 def _far_losses(codes_root, tmp_path, backend) -> list[dict]:
-    args = train_c2i.get_parser(2).parse_args(
+    cfg = train_c2i.parse_config(
         ["--code-path", str(codes_root), *FAR_TINY, "--global-batch-size", "4", "--exp-name", "c",
          "--results-dir", str(tmp_path / str(backend)), "--no-local-save", "--dropout-p", "0",
-         "--token-dropout-p", "0"])
-    t = train_c2i.build(args, 2)
+         "--token-dropout-p", "0"], 2)
+    t = train_c2i.build(cfg, 2)
     if backend:
         t.train_model = torch.compile(t.model, backend=backend)
     gen = torch.Generator().manual_seed(0)

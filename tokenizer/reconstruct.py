@@ -34,22 +34,32 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from tqdm import tqdm
 
 from evaluations.inprocess import POOL, SPATIAL, InProcessFID, add_fid_arguments, write_result
-from evaluations.npz_stream import EvaluatorInputError
+from evaluations.errors import EvaluatorInputError
 from tokenizer.factor_metrics import codebook_stats
 from tokenizer.models import check_tokenizer_flags, describe_tokenizer, load_tokenizer
 from utils.checkpoint import CheckpointError, add_unsafe_load_argument
 from utils.data import ImageFolderSafe, eval_batches, eval_transform, rank_shard
 from utils.distributed import all_reduce_sum, cleanup, init_distributed
 from utils.factors import preset_name
+from utils.flags import add_compat_flags, ignored, parse_flags
 from utils.images import to_uint8
 from utils.npz import ShardedNpzWriter
+
+
+# The original evaluation scripts' flags that do nothing here: the checkpoint decides the model (heads included).
+COMPAT = (
+    ignored("--dataset", type=str, default="imagenet", help="--data-path is read as an ImageFolder"),
+    ignored("--with_clip_supervision", action="store_true", help="the checkpoint decides whether heads exist"),
+    ignored("--with_disentanglement", action="store_true", help="a training flag"),
+    ignored("--disentanglement-ratio", type=float, default=0.1, help="a training flag"),
+    ignored("--semantic-weight", type=float, default=0.5, help="a training flag"),
+)
 
 
 def get_parser(num_factors: int) -> argparse.ArgumentParser:
     name = preset_name(num_factors)
     p = argparse.ArgumentParser(description=f"Reconstruction evaluation of an FQGAN-{name} tokenizer.")
     p.add_argument("--data-path", type=str, required=True)
-    p.add_argument("--dataset", type=str, default="imagenet", help="imagenet (class folders) or coco (flat)")
     p.add_argument("--vq-model", type=str, choices=["VQ-16", "VQ-8"], default=None,
                    help="checked against the checkpoint (which determines the model)")
     p.add_argument("--vq-ckpt", type=str, required=True)
@@ -68,11 +78,7 @@ def get_parser(num_factors: int) -> argparse.ArgumentParser:
     p.add_argument("--no-tf32", action="store_true", help="full fp32 matmuls on GPU (TF32 is on by default)")
     add_fid_arguments(p)
     add_unsafe_load_argument(p)
-    # accepted for the original command lines; the checkpoint decides whether heads exist
-    p.add_argument("--with_clip_supervision", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--with_disentanglement", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--disentanglement-ratio", type=float, default=0.1, help=argparse.SUPPRESS)
-    p.add_argument("--semantic-weight", type=float, default=0.5, help=argparse.SUPPRESS)
+    add_compat_flags(p, COMPAT)
     return p
 
 
@@ -101,7 +107,7 @@ def _lpips_or_none(vgg_path: Optional[str], device: torch.device, log) -> Option
 
 @torch.no_grad()  # evaluation only (and leaves grad mode alone for in-process callers)
 def main(argv=None, num_factors: int = 2) -> dict:
-    args = get_parser(num_factors).parse_args(argv)
+    args = parse_flags(get_parser(num_factors), COMPAT, argv)
     info = init_distributed()
     if not args.no_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True

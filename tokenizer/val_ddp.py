@@ -21,8 +21,12 @@ from tqdm import tqdm
 
 from utils.data import ImageFolderSafe, eval_batches, eval_transform, rank_shard
 from utils.distributed import cleanup, init_distributed
+from utils.flags import add_compat_flags, ignored, parse_flags
 from utils.images import to_uint8
 from utils.npz import ShardedNpzWriter
+
+
+COMPAT = (ignored("--global-seed", type=int, default=0, help="nothing is random"),)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -32,15 +36,15 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--sample-dir", type=str, default="reconstructions")
     p.add_argument("--per-proc-batch-size", type=int, default=32)
-    p.add_argument("--global-seed", type=int, default=0, help="accepted for compatibility; nothing is random")
     p.add_argument("--num-workers", type=int, default=4)
     p.add_argument("--num-images", type=int, default=0, help="use only the first N images (0: all)")
+    add_compat_flags(p, COMPAT)
     return p
 
 
 @torch.no_grad()  # evaluation only (and leaves grad mode alone for in-process callers)
 def main(argv=None) -> Path:
-    args = get_parser().parse_args(argv)
+    args = parse_flags(get_parser(), COMPAT, argv)
     info = init_distributed()
     try:
         dataset = ImageFolderSafe(args.data_path, eval_transform(args.image_size), args.image_size)

@@ -1,6 +1,8 @@
 """Exponential moving average of model weights."""
 from __future__ import annotations
 
+from copy import deepcopy
+
 import torch
 import torch.nn as nn
 
@@ -19,3 +21,10 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float = 0.9999) -> None:
 def requires_grad(model: nn.Module, flag: bool = True) -> None:
     for p in model.parameters():
         p.requires_grad_(flag)
+
+
+def new_ema(model: nn.Module) -> nn.Module:
+    """A frozen copy of ``model`` in eval mode, to follow it with ``update_ema``."""
+    ema = deepcopy(model).eval()
+    requires_grad(ema, False)
+    return ema

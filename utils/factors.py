@@ -15,7 +15,6 @@ PRESET_FACTORS: dict[str, tuple[str, ...]] = {
     "dual": ("vis", "sem"),
     "triple": ("vis", "sem_mid", "sem_high"),
 }
-VISUAL = "vis"  # the factor without semantic supervision; always first
 
 
 def preset_name(num_factors: int) -> str:

@@ -4,6 +4,7 @@ collectively, and stopping on a preemption signal or Ctrl-C."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import re
@@ -25,7 +26,8 @@ from utils.checkpoint import (SAVE_FORMATS, CheckpointError, add_unsafe_load_arg
 from utils.data import epoch_loader
 from utils.distributed import (DistInfo, all_gather_objects, cleanup, get_world_size, init_distributed,
                                is_distributed)
-from utils.logging import create_logger
+from utils.flags import PRECISIONS, config_namespace, require
+from utils.logs import create_logger
 from utils.rng import gather_rng_states, restore_rng_state, seed_everything
 from utils.runfiles import FolderInUse, FolderLock, remove_stale_temporaries
 
@@ -53,6 +55,61 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="after a stop signal, seconds the step in progress may take before the run exits without "
                         "a checkpoint (a stuck data read)")
     add_unsafe_load_argument(p)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The flags of a run that both trainers' ``TrainConfig`` share (``add_run_arguments`` plus the batch, seed,
+    schedule, optimizer and output flags, which both scripts declare with the same defaults). Frozen and checked
+    when built."""
+    exp_name: str = "run"
+    results_dir: str = "results"
+    no_local_save: bool = False
+    global_batch_size: int = 256
+    gradient_accumulation_steps: int = 1
+    global_seed: int = 0
+    epochs: int = 1
+    max_steps: int = 0
+    mixed_precision: str = "bf16"
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    max_grad_norm: float = 1.0
+    ema: bool = False
+    ema_decay: float = 0.9999
+    log_every: int = 100
+    ckpt_every: int = 5000
+    auto_resume: bool = False
+    device: Optional[str] = None
+    wandb: bool = False
+    max_nonfinite_steps: int = 100
+    save_format: str = "pt"
+    stop_timeout: float = 300.0
+    unsafe_load: bool = False
+
+    def __post_init__(self):
+        require(self.global_batch_size >= 1 and self.gradient_accumulation_steps >= 1 and self.epochs >= 1,
+                "--global-batch-size, --gradient-accumulation-steps and --epochs must be >= 1")
+        require(self.global_batch_size % self.gradient_accumulation_steps == 0,
+                f"--global-batch-size {self.global_batch_size} is not divisible by "
+                f"--gradient-accumulation-steps {self.gradient_accumulation_steps}")
+        require(self.mixed_precision in PRECISIONS,
+                f"--mixed-precision {self.mixed_precision}: use one of {', '.join(PRECISIONS)}")
+        for flag, value in (("--beta1", self.beta1), ("--beta2", self.beta2)):
+            require(0 <= value < 1, f"{flag} {value}: must be in [0, 1)")
+        require(self.save_format in SAVE_FORMATS, f"--save-format {self.save_format}: use one of {SAVE_FORMATS}")
+
+    def namespace(self) -> argparse.Namespace:
+        """The flags as the argparse ``Namespace`` a checkpoint stores under ``args`` (as the original does)."""
+        return config_namespace(self)
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Steps of the whole run: every epoch, or --max-steps when that is fewer."""
+        total = steps_per_epoch * self.epochs
+        return min(total, self.max_steps) if self.max_steps else total
 
 
 def experiment_dir(results_dir: str, model_name: str, exp_name: str) -> Path:

@@ -10,17 +10,20 @@ from typing import Iterable, Iterator, NamedTuple, Optional
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from utils.flags import DTYPES, precision
+
 
 def autocast_context(device: torch.device, mixed_precision: str):
-    """bf16 / fp16 autocast on CUDA; on CPU training runs in fp32 (CPU autocast is slow and rarely helps)."""
-    if device.type != "cuda" or mixed_precision == "none":
+    """bf16 / fp16 autocast on CUDA (``mixed_precision`` in utils.flags' vocabulary); on CPU training runs in
+    fp32 (CPU autocast is slow and rarely helps)."""
+    name = precision(mixed_precision)
+    if device.type != "cuda" or name == "fp32":
         return nullcontext
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
-    return lambda: torch.autocast("cuda", dtype=dtype)
+    return lambda: torch.autocast("cuda", dtype=DTYPES[name])
 
 
 def grad_scaler(device: torch.device, mixed_precision: str) -> torch.amp.GradScaler:
-    return torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and mixed_precision == "fp16")
+    return torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and precision(mixed_precision) == "fp16")
 
 
 def fused_kwargs(optimizer_class: type) -> dict:

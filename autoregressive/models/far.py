@@ -475,10 +475,6 @@ class FAR(nn.Module):
                 if c is None or c.k.shape != shape or c.k.dtype != dtype or c.k.device != torch.device(device):
                     layer.attention.kv_cache = KVCache(*shape, dtype=dtype, device=device)
 
-    def clear_caches(self) -> None:
-        for layer in list(self.layers) + list(self.ar_head):
-            layer.attention.kv_cache = None
-
     def embed_position(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, F) codes of one position -> (B, 1, D) trunk input for the next position."""
         return self.aggregation_layer(torch.cat([self.tok_embedding(f)(tokens[:, f:f + 1])

@@ -34,15 +34,25 @@ from tqdm import tqdm
 from autoregressive.models import FAR_models, describe_far, load_far
 from autoregressive.sample.pipeline import ImageDecoder, auto_batch_size, sample_images
 from evaluations.inprocess import POOL, SPATIAL, InProcessFID, add_fid_arguments, write_result
-from evaluations.npz_stream import EvaluatorInputError
+from evaluations.errors import EvaluatorInputError
 from tokenizer.models import check_tokenizer_flags, describe_tokenizer, load_tokenizer
 from utils.argtypes import finite_float, nonnegative_int, positive_float, positive_int, unit_float
 from utils.checkpoint import CheckpointError, add_unsafe_load_argument, weight_preference
 from utils.data import rank_shard
 from utils.distributed import all_gather_objects, cleanup, init_distributed
+from utils.flags import add_compat_flags, add_precision_argument, alias, ignored, parse_flags, torch_dtype
 from utils.images import save_grid
 from utils.npz import ShardedNpzWriter
 from utils.runfiles import FolderInUse, FolderLock, NoSpace, checkpoint_digest
+
+
+# The original sampler's flags that this project does not use (see utils/flags.py).
+COMPAT = (
+    alias("--from-fsdp", action="store_true", help="names the output after the checkpoint's folder, as the "
+                                                   "original; our FSDP checkpoints are full state dicts"),
+    ignored("--gpt-type", type=str, choices=["c2i"], default="c2i", help="class-conditional is the only type"),
+    ignored("--cls-token-num", type=positive_int, default=1, help="the checkpoint decides"),
+)
 
 
 def get_parser(num_factors: int) -> argparse.ArgumentParser:
@@ -52,11 +62,7 @@ def get_parser(num_factors: int) -> argparse.ArgumentParser:
     p.add_argument("--gpt-ckpt", type=str, required=True)
     p.add_argument("--ema", action="store_true", help="sample with the generator's EMA weights (default: 'model', "
                                                       "as the original sampler)")
-    p.add_argument("--gpt-type", type=str, choices=["c2i"], default="c2i")
-    p.add_argument("--from-fsdp", action="store_true", help="accepted; our FSDP checkpoints are full state dicts")
-    p.add_argument("--cls-token-num", type=positive_int, default=1)
-    p.add_argument("--precision", type=str, default="bf16", choices=["none", "fp16", "bf16"],
-                   help="generator dtype on GPU (CPU runs fp32)")
+    add_precision_argument(p, "--precision", "bf16", "generator dtype on GPU (CPU runs fp32)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the position step and capture CUDA graphs (default: on with a GPU)")
     p.add_argument("--vq-model", type=str, choices=["VQ-16", "VQ-8"], default=None, help="checked against the ckpt")
@@ -80,8 +86,8 @@ def get_parser(num_factors: int) -> argparse.ArgumentParser:
                    help="images generated at once per process (default: from free GPU memory; 32 on CPU)")
     p.add_argument("--decode-batch-size", type=positive_int, default=None,
                    help="images decoded at once (default: 128 on GPU, 8 on CPU)")
-    p.add_argument("--decode-precision", type=str, default="bf16", choices=["none", "fp16", "bf16"],
-                   help="tokenizer decoder autocast dtype on GPU (CPU decodes in fp32)")
+    add_precision_argument(p, "--decode-precision", "bf16", "tokenizer decoder autocast dtype on GPU (CPU "
+                                                            "decodes in fp32)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="decode in NHWC memory layout (default: on with a GPU)")
     p.add_argument("--compile-decoder", action=argparse.BooleanOptionalAction, default=None,
@@ -100,6 +106,7 @@ def get_parser(num_factors: int) -> argparse.ArgumentParser:
     p.add_argument("--save-npz", action=argparse.BooleanOptionalAction, default=True,
                    help="write the npz (--no-save-npz with --fid-ref: only the scores and the grid)")
     add_unsafe_load_argument(p)
+    add_compat_flags(p, COMPAT)
     return p
 
 
@@ -128,7 +135,7 @@ def sample_labels(n: int, num_classes: int, seed: int, balanced: bool) -> np.nda
 @torch.no_grad()  # evaluation only (and leaves grad mode alone for in-process callers)
 def main(argv=None, num_factors: int = 2):
     """The npz path (None with --no-save-npz); a list of them for a --cfg-scales sweep."""
-    args = get_parser(num_factors).parse_args(argv)
+    args = parse_flags(get_parser(num_factors), COMPAT, argv)
     sweep = parse_scales(args.cfg_scales) if args.cfg_scales else [list(args.cfg_scale)]
     if not args.save_npz and not args.fid_ref:
         sys.exit("error: --no-save-npz keeps nothing but the grid without --fid-ref")
@@ -138,9 +145,7 @@ def main(argv=None, num_factors: int = 2):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    dtype = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    if device.type != "cuda":
-        dtype = torch.float32
+    dtype = torch_dtype(args.precision) if device.type == "cuda" else torch.float32
     grid = args.image_size // args.downsample_size
     try:
         # the original sampler decodes with the tokenizer's "model" weights, as its codes were extracted with
@@ -169,8 +174,7 @@ def main(argv=None, num_factors: int = 2):
     size = args.image_size_eval
     cuda = device.type == "cuda"
     compile = cuda if args.compile is None else args.compile
-    decode_dtype = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.decode_precision]
-    decode_dtype = decode_dtype if cuda else torch.float32
+    decode_dtype = torch_dtype(args.decode_precision) if cuda else torch.float32
     decode_batch = args.decode_batch_size or (128 if cuda else 8)
     mine = rank_shard(n, info.rank, info.world_size)
     fid = None

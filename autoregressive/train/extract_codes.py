@@ -21,7 +21,15 @@ from utils.argtypes import nonnegative_int, positive_float, positive_int
 from utils.checkpoint import CheckpointError, add_unsafe_load_argument, weight_preference
 from utils.data import ImageFolderSafe, center_crop_arr, eval_batches, rank_shard, to_model_range
 from utils.distributed import all_gather_objects, all_reduce_sum, cleanup, init_distributed
+from utils.flags import add_compat_flags, ignored, parse_flags
 from utils.runfiles import FolderInUse, FolderLock, NoSpace, checkpoint_digest
+
+
+# The original extraction's flags that do nothing here.
+COMPAT = (
+    ignored("--dataset", type=str, default="imagenet", help="--data-path is read as an ImageFolder"),
+    ignored("--debug", action="store_true"),
+)
 
 
 def get_parser(num_factors: int) -> argparse.ArgumentParser:
@@ -34,7 +42,6 @@ def get_parser(num_factors: int) -> argparse.ArgumentParser:
                    help="encode with the tokenizer's EMA weights (default: 'model', as the original extraction)")
     p.add_argument("--codebook-size", type=int, default=None, help="checked against the checkpoint")
     p.add_argument("--codebook-embed-dim", type=int, default=None, help="checked against the checkpoint")
-    p.add_argument("--dataset", type=str, default="imagenet")
     p.add_argument("--image-size", type=positive_int, default=256)
     p.add_argument("--ten-crop", action="store_true", help="store ten crops per image (else centre crop + flip)")
     p.add_argument("--crop-range", type=positive_float, default=1.1,
@@ -44,8 +51,8 @@ def get_parser(num_factors: int) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=16,
                    help="images per forward pass (each with all its views)")
     p.add_argument("--num-images", type=nonnegative_int, default=0, help="only the first N images (0: all)")
-    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     add_unsafe_load_argument(p)
+    add_compat_flags(p, COMPAT)
     return p
 
 
@@ -64,7 +71,7 @@ def views_transform(image_size: int, ten_crop: bool, crop_range: float):
 
 @torch.no_grad()  # evaluation only (and leaves grad mode alone for in-process callers)
 def main(argv=None, num_factors: int = 2) -> None:
-    args = get_parser(num_factors).parse_args(argv)
+    args = parse_flags(get_parser(num_factors), COMPAT, argv)
     info = init_distributed()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True

@@ -106,11 +106,6 @@ class DiscriminatorLoss:
     disc_weight: float  # the configured disc weight times disc_factor
     disc_factor: float
 
-    @property
-    def active(self) -> bool:
-        """False before disc_start: the loss is exactly 0 and the discriminator update can be skipped."""
-        return self.disc_weight > 0
-
     def logs(self) -> dict[str, Number]:
         return {"disc_loss": self.loss.detach(), "discriminator_adv_loss": self.disc_adv_loss.detach(),
                 "logits_real": self.logits_real, "logits_fake": self.logits_fake,

@@ -1,6 +1,6 @@
 """A stand-in for ``classify_image_graph_def.pb`` (the 2015 Inception-v3 graph ADM's evaluator runs), written with
 tensorboard's protobuf classes so that neither building nor reading it needs TensorFlow. For tests and benchmarks
-only: the evaluator never uses it.
+only (so it lives here, not in the evaluations package): the evaluator never uses it.
 
 It has the real graph's layout, as far as public listings of that graph show it: a JPEG decoder feeding
 ``Cast`` -> ``ExpandDims`` -> ``ResizeBilinear`` (to 299x299) -> ``Sub`` 128 -> ``Mul`` 1/128; every layer a

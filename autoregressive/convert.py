@@ -1,0 +1,55 @@
+"""Turn a checkpoint (a released ``.pt``, one of ours, or an ``hf://`` name) into a weights-only safetensors file.
+
+    python -m autoregressive.convert fqgan_dual_ds16.pt fqgan_dual_ds16.safetensors
+    python -m autoregressive.convert hf://ZechenBai/FQGAN/fqgan_dual_ds16.pt fqgan_dual_ds16.safetensors
+    python -m autoregressive.convert far.pt far_ema.safetensors --ema
+
+The output holds one set of weights (``"model"``, as the original code extraction and sampling read, or the
+EMA weights with ``--ema``) and, in its metadata, which set that was and the full model config as JSON, so it
+loads without pickle and without guessing the architecture (e.g. FAR's head count). A tokenizer or a FAR is
+recognised from its weights; the model is built and the weights checked before anything is written.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from autoregressive.models import describe_far, far_checkpoint
+from autoregressive.models.checkpoint import far_from_checkpoint
+from tokenizer.models import describe_tokenizer, tokenizer_checkpoint
+from tokenizer.models.checkpoint import tokenizer_from_checkpoint
+from utils.checkpoint import (CheckpointError, add_unsafe_load_argument, extract_weights, load_file,
+                              weight_preference, write_checkpoint)
+
+
+def main(argv=None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", help="checkpoint file (.pt / .safetensors) or hf://owner/repo/file")
+    p.add_argument("output", help="the safetensors file to write")
+    p.add_argument("--ema", action="store_true", help="take the EMA weights (default: 'model')")
+    add_unsafe_load_argument(p)
+    args = p.parse_args(argv)
+    prefer = weight_preference(args.ema)
+    try:
+        ckpt = load_file(args.input)
+        weights, _ = extract_weights(ckpt, args.input, prefer)
+        if "tok_embeddings_1.weight" in weights:
+            model = far_from_checkpoint(ckpt, args.input, prefer=prefer)
+            out, description = far_checkpoint(model), describe_far(model.config)
+        else:
+            model = tokenizer_from_checkpoint(ckpt, args.input, prefer=prefer)
+            out, description = tokenizer_checkpoint(model), describe_tokenizer(model.config)
+        which = model.loaded_from.weights or "model"
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    try:  # the weights under the name they had (model / ema), so the file's metadata says which they are
+        write_checkpoint({which: out["model"], "config": out["config"]}, args.output, "safetensors", which)
+    except OSError as e:
+        sys.exit(f"error: {args.output}: cannot write it ({e.strerror or e})")
+    print(f"Wrote {args.output}: {description}, from {model.loaded_from}")
+    return Path(args.output)
+
+
+if __name__ == "__main__":
+    main()
