@@ -10,7 +10,7 @@ An untimed warm-up generation runs first (compilation, CUDA-graph capture, alloc
 ``setup_s``): --warmup positions, or the whole timed shape when CUDA graphs are on (they are per shape).
 See benchmarks/sample_fid.py for the whole pipeline (generation, decoding, writing).
 
---attention picks how each position's single query attends (generate's ``attention``: sdpa or reductions).
+--attention picks how each position's single query attends (generate's ``attention``: sdpa, reductions, flex, triton).
 --profile adds where the device time goes: one more full generation, compiled but without CUDA graphs (so
 every kernel shows up by name), under torch.profiler; a second JSON line ("generate_profile") gives the
 kernels with the most device time per position (``profile_top``) and their sum
@@ -25,7 +25,8 @@ import time
 import torch
 
 
-from autoregressive.models.far import ATTENTION_KERNELS, FAR, FAR_models, far_config
+from autoregressive.models.decode_attention import ATTENTION_KERNELS
+from autoregressive.models.far import FAR, FAR_models, far_config
 from autoregressive.models.generate import generate
 from utils.factors import factor_count
 
@@ -49,7 +50,7 @@ def main(argv=None) -> dict:
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="capture every position as a CUDA graph (default: with --compile on CUDA)")
     p.add_argument("--attention", default="sdpa", choices=ATTENTION_KERNELS,
-                   help="how a decoding query attends (see far.single_query_attention)")
+                   help="how a decoding query attends (see autoregressive/models/decode_attention.py)")
     p.add_argument("--profile", action="store_true", help="also print the device time per kernel (see above)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--seed", type=int, default=0)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from autoregressive.models import FAR, FAR_models, far_config, generate
-from autoregressive.models.far import ATTENTION_KERNELS
+from autoregressive.models.decode_attention import ATTENTION_KERNELS
 from autoregressive.sample.pipeline import ImageDecoder, auto_batch_size, sample_images
 from tokenizer.models import FactorizedTokenizer
 from utils.factors import factor_count
@@ -59,7 +59,7 @@ def main(argv=None) -> dict:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--attention", default="sdpa", choices=ATTENTION_KERNELS,
-                   help="how a decoding query attends (generate's attention; see far.single_query_attention)")
+                   help="how a decoding query attends (generate's attention; see autoregressive/models/decode_attention.py)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compiled position step + CUDA graphs (default: on with CUDA)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="generator dtype (default: bf16 on CUDA)")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from autoregressive.models.far import FAR, FARConfig
+from autoregressive.models.far import FAR, FARConfig, cache_length
 from autoregressive.models.generate import generate
 from tokenizer.models import FactorizedTokenizer
 from utils.images import to_uint8
@@ -36,7 +36,7 @@ def generation_bytes_per_row(cfg: FARConfig, dtype: torch.dtype) -> int:
     """Device memory one generated row needs: its trunk and factor-head KV caches, plus the activations of
     one position step (float32 logits and their sampling temporaries dominate; ~8 vocab-wide rows)."""
     elt = torch.finfo(dtype).bits // 8
-    kv = 2 * cfg.kv_heads * cfg.head_dim * elt * (cfg.n_layer * (cfg.cls_token_num + cfg.block_size)
+    kv = 2 * cfg.kv_heads * cfg.head_dim * elt * (cfg.n_layer * cache_length(cfg)
                                                   + cfg.ar_n_layer * cfg.num_factors)
     return kv + 8 * 4 * cfg.vocab_size + 16 * cfg.ffn_hidden_dim * elt
 
