@@ -21,8 +21,9 @@ The kernels (``ATTENTION_KERNELS``, chosen with ``generate(..., attention=NAME)`
 * ``"flex"``: ``torch.nn.attention.flex_attention`` with a block mask built inside the (compiled) function from
   the length tensor, KV blocks of 16: blocks past the length are skipped, not read. Grouped-query heads are
   native (``enable_gqa``). Meant to run compiled (eagerly flex runs an unfused reference implementation).
-* ``"triton"``: a split-KV single-query Triton kernel (``split_kv_attention``): program (row*head, split) reads
-  the filled 16-key blocks of its slice of the cache, keeping a running max / sum / weighted sum in float32;
+* ``"triton"``: a split-KV single-query Triton kernel (``split_kv_attention``): program (row * KV head, split)
+  reads the filled 16-key blocks of its slice of the cache once for all the query heads of that KV head
+  (grouped-query heads), keeping a running max / sum / weighted sum per head in float32;
   the slices are combined with their log-sum-exp weights. It is the custom op ``fqgan::split_kv_attention``
   (with a fake implementation), so it sits inside ``torch.compile(fullgraph=True)`` graphs and CUDA graphs as
   one opaque call. On a CPU it runs under Triton's interpreter when ``TRITON_INTERPRET=1`` (tests), else the
@@ -98,6 +99,9 @@ def flex_decode_attention(q, k, v, length=None):
 
     L = k.shape[2]
     gqa = q.shape[1] != k.shape[1]
+    # a buffer of its own: inductor's CPU template reads the query's layout as 4-D, and the rotary embedding's
+    # output is a view of a 5-D one
+    q = q.clone(memory_format=torch.contiguous_format)
     if length is None:
         return flex_attention(q, k, v, enable_gqa=gqa)
     n = length.reshape(())
@@ -137,39 +141,45 @@ def _triton_kernel():
 
     @triton.jit
     def split_kv_kernel(Q, K, V, LEN, M, S, ACC, stride_qb, stride_qh, stride_kb, stride_kh, stride_kl,
-                        stride_vb, stride_vh, stride_vl, scale, H: tl.constexpr, GROUP: tl.constexpr,
-                        D: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr, NSPLIT: tl.constexpr):
-        bh = tl.program_id(0)
+                        stride_vb, stride_vh, stride_vl, scale, KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
+                        GROUP_P2: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr,
+                        NSPLIT: tl.constexpr):
+        # program (row * KV_HEADS + kv head, split): the GROUP query heads of one KV head, against the filled
+        # entries of keys [split * SPLIT, (split + 1) * SPLIT); K and V are read once for the whole group
+        pid = tl.program_id(0)
         split = tl.program_id(1)
-        b = bh // H
-        kv_h = (bh % H) // GROUP
+        b = pid // KV_HEADS
+        kv_h = pid % KV_HEADS
         n = tl.load(LEN)
         lo = split * SPLIT
         hi = tl.minimum(lo + SPLIT, n)
         d = tl.arange(0, D)
-        q = tl.load(Q + b * stride_qb + (bh % H) * stride_qh + d).to(tl.float32) * scale
+        g = tl.arange(0, GROUP_P2)
+        g_ok = g < GROUP
+        q_ptrs = Q + b * stride_qb + (kv_h * GROUP + g)[:, None] * stride_qh + d[None, :]
+        q = tl.load(q_ptrs, mask=g_ok[:, None], other=0.0).to(tl.float32) * scale          # (G, D)
         k_base = K + b * stride_kb + kv_h * stride_kh
         v_base = V + b * stride_vb + kv_h * stride_vh
-        m_i = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
-        s_i = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
-        acc = tl.zeros([D], tl.float32)
+        m_i = tl.full([GROUP_P2], float("-inf"), tl.float32)
+        s_i = tl.zeros([GROUP_P2], tl.float32)
+        acc = tl.zeros([GROUP_P2, D], tl.float32)
         for start in range(lo, hi, BLOCK):  # only the filled blocks of this slice are read
             offs = start + tl.arange(0, BLOCK)
             ok = offs < hi
             kb = tl.load(k_base + offs[:, None] * stride_kl + d[None, :], mask=ok[:, None], other=0.0)
-            scores = tl.sum(kb.to(tl.float32) * q[None, :], 1)
-            scores = tl.where(ok, scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 0))
+            scores = tl.sum(q[:, None, :] * kb.to(tl.float32)[None, :, :], 2)                # (G, BLOCK)
+            scores = tl.where(ok[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
             alpha = tl.exp(m_i - m_new)
-            p = tl.exp(scores - m_new)
+            p = tl.exp(scores - m_new[:, None])
             vb = tl.load(v_base + offs[:, None] * stride_vl + d[None, :], mask=ok[:, None], other=0.0)
-            acc = acc * alpha + tl.sum(p[:, None] * vb.to(tl.float32), 0)
-            s_i = s_i * alpha + tl.sum(p, 0)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vb.to(tl.float32)[None, :, :], 1)
+            s_i = s_i * alpha + tl.sum(p, 1)
             m_i = m_new
-        out = bh * NSPLIT + split
-        tl.store(M + out, m_i)
-        tl.store(S + out, s_i)
-        tl.store(ACC + out * D + d, acc)
+        out = (b * KV_HEADS * GROUP + kv_h * GROUP + g) * NSPLIT + split                    # (G,)
+        tl.store(M + out, m_i, mask=g_ok)
+        tl.store(S + out, s_i, mask=g_ok)
+        tl.store(ACC + out[:, None] * D + d[None, :], acc, mask=g_ok[:, None])
 
     _triton_kernels[key] = split_kv_kernel
     return split_kv_kernel
@@ -220,9 +230,12 @@ def split_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length
     s = torch.empty_like(m)
     acc = torch.empty(B * H, nsplit, d, device=q.device, dtype=torch.float32)
     length = length.reshape(1).to(torch.int64)
-    kernel[(B * H, nsplit)](q, k, v, length, m, s, acc, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                            k.stride(2), v.stride(0), v.stride(1), v.stride(2), d ** -0.5, H=H,
-                            GROUP=H // k.shape[1], D=d, BLOCK=KV_BLOCK, SPLIT=SPLIT_KV, NSPLIT=nsplit)
+    kv_heads = k.shape[1]
+    group = H // kv_heads
+    kernel[(B * kv_heads, nsplit)](q, k, v, length, m, s, acc, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                                   k.stride(2), v.stride(0), v.stride(1), v.stride(2), d ** -0.5,
+                                   KV_HEADS=kv_heads, GROUP=group, GROUP_P2=1 << (group - 1).bit_length(), D=d,
+                                   BLOCK=KV_BLOCK, SPLIT=SPLIT_KV, NSPLIT=nsplit)
     return _combine(m, s, acc).view(B, H, 1, d).to(q.dtype)
 
 
