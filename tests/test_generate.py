@@ -78,7 +78,7 @@ def test_every_kernel_equals_sdpa_on_the_filled_part():
 # ------------------------------------------------------------------------------------------------------------
 # compiled == eager, one graph for every position
 # ------------------------------------------------------------------------------------------------------------
-COMPILED_POSITIONS = 5  # the first position (class token) and four more: every one runs the same graph
+COMPILED_POSITIONS = 4  # the first position (class token) and three more: every one runs the same graph
 SAMPLING = {
     # factor 1 greedy, factor 2 sampled with top-k and top-p
     2: dict(cfg_scale=(1.5, 3.0), top_k=(1, 8), top_p=(1.0, 0.9), temperature=(1.0, 1.2)),
@@ -96,15 +96,17 @@ def test_compiled_generation_equals_eager(factors, attention):
     ``error_on_recompile`` reuses it."""
     model = tiny_model(factors, **({} if factors == 2 else dict(n_kv_head=2))).float()
     sampling = SAMPLING[factors]
-    eager = generate(model, [3, 7], COMPILED_POSITIONS, seed=11, **sampling)
+    # interpreted Triton costs ~10 ms per program (one per row and KV head): fewer rows
+    labels, other = ([3], [9]) if attention == "triton" else ([3, 7], [1, 9])
+    eager = generate(model, labels, COMPILED_POSITIONS, seed=11, **sampling)
     before = counters["stats"]["unique_graphs"]
-    compiled = generate(model, [3, 7], COMPILED_POSITIONS, seed=11, compile=True, attention=attention, **sampling)
+    compiled = generate(model, labels, COMPILED_POSITIONS, seed=11, compile=True, attention=attention, **sampling)
     assert counters["stats"]["unique_graphs"] - before == 1
     assert torch.equal(compiled, eager)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        again = generate(model, [1, 9], COMPILED_POSITIONS, seed=12, compile=True, attention=attention, **sampling)
+        again = generate(model, other, COMPILED_POSITIONS, seed=12, compile=True, attention=attention, **sampling)
     assert counters["stats"]["unique_graphs"] - before == 1
-    assert torch.equal(again, generate(model, [1, 9], COMPILED_POSITIONS, seed=12, **sampling))
+    assert torch.equal(again, generate(model, other, COMPILED_POSITIONS, seed=12, **sampling))
 
 
 NESTED_REGIONS = pytest.mark.skipif(not hasattr(torch.compiler, "nested_compile_region"), reason="PyTorch < 2.8")
