@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -259,10 +260,12 @@ class CudaGraphGeneration:
         self.schedule = [distinct.index(p) for p in self.plans]  # graph of each position
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
+        t0 = time.perf_counter()
         with torch.cuda.stream(stream), _recompile_limit(64), _decode_attention():
             for plan in distinct:  # warm-up: one step per plan (compilation, autotuning)
                 self._position(model, plan)
             torch.cuda.synchronize(dev)
+            t1 = time.perf_counter()
             gc.collect()  # nothing collected mid-capture (torch.cuda.graph does the same, once per graph)
             self.graphs, pool = [], torch.cuda.graph_pool_handle()
             for plan in distinct:
@@ -276,6 +279,9 @@ class CudaGraphGeneration:
                 self.graphs.append(g)
         torch.cuda.current_stream(dev).wait_stream(stream)
         torch.cuda.empty_cache()  # the warm-up's blocks sit cached for the side stream, unusable by the main one
+        torch.cuda.synchronize(dev)
+        # seconds: the warm-up steps (the compilation, when not done before) and the captures (benchmarks)
+        self.timings = {"warmup_s": t1 - t0, "capture_s": time.perf_counter() - t1}
 
     def _position(self, m: FAR, plan: SamplingPlan) -> None:
         """One step at ``self.pos``: sample, store at row pos of ``out``, pass the codes on, advance ``pos``."""
