@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from autoregressive.models.decode_attention import ATTENTION_KERNELS, bytes_read, decode_attention
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-TOY = dict(rows=4, heads=4, kv_heads=2, head_dim=16, cache=48, lengths="1,16,17,48", dtype="fp32", iters=3,
-           warmup=1)
+TOY = dict(rows=2, heads=4, kv_heads=2, head_dim=16, cache=48, lengths="1,17,48", dtype="fp32", iters=2,
+           warmup=0)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
