@@ -12,6 +12,7 @@ from torch._dynamo.utils import counters
 
 import torch.nn.functional as F
 
+from autoregressive.models import decode_attention as decode_attention_module
 from autoregressive.models import generate
 from autoregressive.models.decode_attention import ATTENTION_KERNELS, decode_attention, single_query_attention
 from autoregressive.models.generate import row_keys, sample, uniform_noise
@@ -50,9 +51,14 @@ def test_triton_runs_interpreted_without_a_gpu():
     assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def test_every_kernel_equals_sdpa_on_the_filled_part():
+@pytest.mark.parametrize("split", [True, False])
+def test_every_kernel_equals_sdpa_on_the_filled_part(split, monkeypatch):
     """Each kernel at filled lengths 1, 16, 17 and the whole cache (48: three 16-blocks), plain and
-    grouped-query heads (groups of 2 and 3), with large values beyond the length that must not leak in."""
+    grouped-query heads (groups of 2 and 3), with large values beyond the length that must not leak in.
+    ``split``: the Triton kernel splits the keys over several programs (few rows), or not (many rows)."""
+    if not split:
+        monkeypatch.setattr(decode_attention_module, "ENOUGH_PROGRAMS", 1)
+    kernels = ATTENTION_KERNELS if split else ["triton"]
     gen = torch.Generator().manual_seed(0)
     for heads, kv_heads in ((4, 4), (4, 2), (6, 2)):
         q = torch.randn(2, heads, 1, 16, generator=gen)
@@ -63,10 +69,12 @@ def test_every_kernel_equals_sdpa_on_the_filled_part():
                                                  v[:, :, :n].repeat_interleave(g, 1))
             k2, v2 = k.clone(), v.clone()
             k2[:, :, n:], v2[:, :, n:] = 1e4, -1e4  # stale entries beyond the filled length
-            for kernel in ATTENTION_KERNELS:
+            for kernel in kernels:
                 got = decode_attention(kernel, q, k2, v2, torch.tensor([n]))
                 assert got.shape == q.shape and got.dtype == q.dtype
                 torch.testing.assert_close(got, ref, atol=2e-6, rtol=0, msg=f"{kernel} {heads}/{kv_heads} n={n}")
+    if not split:
+        return
     # float64 stays float64 where the kernel computes in it (the reductions), length None is the whole cache
     q64, k64, v64 = q.double(), k.double(), v.double()
     ref = F.scaled_dot_product_attention(q64, k64.repeat_interleave(3, 1), v64.repeat_interleave(3, 1))

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 ATTENTION_KERNELS = ("sdpa", "reductions", "flex", "triton")
 KV_BLOCK = 16      # keys per block: the flex block mask's KV block, the Triton kernel's inner tile
 SPLIT_KV = 64      # keys per Triton program (split-KV): 4 blocks
+ENOUGH_PROGRAMS = 2048  # (row, KV head) pairs that fill a GPU without splitting the keys (one split each)
 
 
 def check_kernel(kernel: str) -> str:
@@ -224,18 +225,23 @@ def split_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length
     L = k.shape[2]
     if d & (d - 1):
         raise ValueError(f"the Triton decode kernel needs a power-of-two head dim, got {d}")
-    nsplit = -(-L // SPLIT_KV)
+    kv_heads = k.shape[1]
+    group = H // kv_heads
+    # Split the keys only when (row, KV head) pairs are too few to fill the device: at FAR-B's 2048 rows one
+    # program per pair reads all its filled blocks, and the partial results stay small
+    split = SPLIT_KV if B * kv_heads < ENOUGH_PROGRAMS else -(-L // KV_BLOCK) * KV_BLOCK
+    nsplit = -(-L // split)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     m = torch.empty(B * H, nsplit, device=q.device, dtype=torch.float32)
     s = torch.empty_like(m)
     acc = torch.empty(B * H, nsplit, d, device=q.device, dtype=torch.float32)
     length = length.reshape(1).to(torch.int64)
-    kv_heads = k.shape[1]
-    group = H // kv_heads
+    # the query-head group padded to a power of two, at least 2 (no size-1 blocks in the kernel)
+    group_p2 = max(2, 1 << (group - 1).bit_length())
     kernel[(B * kv_heads, nsplit)](q, k, v, length, m, s, acc, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                                    k.stride(2), v.stride(0), v.stride(1), v.stride(2), d ** -0.5,
-                                   KV_HEADS=kv_heads, GROUP=group, GROUP_P2=1 << (group - 1).bit_length(), D=d,
-                                   BLOCK=KV_BLOCK, SPLIT=SPLIT_KV, NSPLIT=nsplit)
+                                   KV_HEADS=kv_heads, GROUP=group, GROUP_P2=group_p2, D=d, BLOCK=KV_BLOCK,
+                                   SPLIT=split, NSPLIT=nsplit)
     return _combine(m, s, acc).view(B, H, 1, d).to(q.dtype)
 
 
