@@ -23,7 +23,8 @@ The kernels (``ATTENTION_KERNELS``, chosen with ``generate(..., attention=NAME)`
   native (``enable_gqa``). Meant to run compiled (eagerly flex runs an unfused reference implementation).
 * ``"triton"``: a split-KV single-query Triton kernel (``split_kv_attention``): program (row * KV head, split)
   reads the filled 16-key blocks of its slice of the cache once for all the query heads of that KV head
-  (grouped-query heads), keeping a running max / sum / weighted sum per head in float32;
+  (grouped-query heads), keeping a running max / sum / weighted sum per head in float32 (the keys are split
+  into slices of 64 only when (row, KV head) pairs are too few to fill the device: ``ENOUGH_PROGRAMS``);
   the slices are combined with their log-sum-exp weights. It is the custom op ``fqgan::split_kv_attention``
   (with a fake implementation), so it sits inside ``torch.compile(fullgraph=True)`` graphs and CUDA graphs as
   one opaque call. On a CPU it runs under Triton's interpreter when ``TRITON_INTERPRET=1`` (tests), else the
