@@ -1,12 +1,11 @@
 """Sampling images' codes from FAR with static KV caches, classifier-free guidance and compiled position steps.
 
-One image position costs one trunk step plus F factor-head steps:
+One image position is one step (``next_position``): one trunk step plus F factor-head steps:
 
-    prefill: class token -> trunk -> h                               (first_position)
-    for every position t:
+    for every position t (pos = t):
+        h = trunk_step(class embedding if t == 0 else aggregate(codes of t - 1))
         x = h
         for factor j in 0..F-1:  logits = head_step(x, j); guide; sample code j; x = embedding_j(code j)
-        h = trunk_step(aggregate(codes of t))                         (next_position: trunk, then the heads)
 
 Guidance batches the conditional and the unconditional (null class) rows together, so each step is ONE
 forward pass over 2B rows: logits = uncond + scale * (cond - uncond), with a scale per factor. The scales
