@@ -10,7 +10,7 @@ An untimed warm-up generation runs first (compilation, CUDA-graph capture, alloc
 ``setup_s``): --warmup positions, or the whole timed shape when CUDA graphs are on (they are per shape).
 See benchmarks/sample_fid.py for the whole pipeline (generation, decoding, writing).
 
---attention picks how each position's single query attends (generate's ``attention``: sdpa or reductions).
+--attention picks how each position's single query attends (generate's ``attention``: sdpa, reductions, flex, triton).
 --profile adds where the device time goes: one more full generation, compiled but without CUDA graphs (so
 every kernel shows up by name), under torch.profiler; a second JSON line ("generate_profile") gives the
 kernels with the most device time per position (``profile_top``) and their sum
@@ -24,12 +24,13 @@ import time
 
 import torch
 
-
-from autoregressive.models.far import ATTENTION_KERNELS, FAR, FAR_models, far_config
+from autoregressive.models.decode_attention import ATTENTION_KERNELS
+from autoregressive.models.far import FAR, FAR_models, far_config
 from autoregressive.models.generate import generate
 from benchmarks.timing import sync
 from utils.factors import factor_count
 from utils.flags import add_compile_argument, add_precision_argument, torch_dtype
+
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,7 +49,7 @@ def main(argv=None) -> dict:
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="capture every position as a CUDA graph (default: with --compile on CUDA)")
     p.add_argument("--attention", default="sdpa", choices=ATTENTION_KERNELS,
-                   help="how a decoding query attends (see far.single_query_attention)")
+                   help="how a decoding query attends (see autoregressive/models/decode_attention.py)")
     p.add_argument("--profile", action="store_true", help="also print the device time per kernel (see above)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--seed", type=int, default=0)
@@ -80,7 +81,7 @@ def main(argv=None) -> dict:
     if graphs:  # graphs are captured per shape: warm up with the timed one
         generate(model, labels, args.num_positions, **kw)
     elif args.warmup > 0:
-        generate(model, labels, min(max(args.warmup, 2), cfg.block_size), **kw)  # >= 2: compiles the step
+        generate(model, labels, min(max(args.warmup, 1), cfg.block_size), **kw)  # its first position compiles the step
     sync(device)
     setup_s = time.perf_counter() - t0
     best = float("inf")

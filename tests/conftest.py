@@ -1,6 +1,17 @@
 import sys
 from pathlib import Path
 
+import os
+
+import torch
+
+# Without a GPU, Triton kernels (the "triton" decode attention) run under Triton's interpreter. Triton must see
+# TRITON_INTERPRET before it is imported: its standard-library functions are made at import time, and ones made
+# without it cannot be called by an interpreted kernel. Never on a GPU machine: inductor's own kernels would run
+# interpreted too.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # TensorFlow (the FID evaluator's tests load it) and Triton (imported lazily by torch._dynamo, e.g. on the first
 # torch.device("meta") context) both bundle LLVM; loading Triton after TensorFlow in one process segfaults.
 # Import it first, once, for the whole test session.
@@ -15,7 +26,6 @@ for p in (str(ROOT), str(ROOT / "tests")):
 # ---------------------------------------------------------------------------------------------- shared fixtures
 # Session-scoped: several test modules train on the same tiny data.
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 @pytest.fixture(scope="session")
 def data(tmp_path_factory):

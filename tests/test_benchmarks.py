@@ -35,6 +35,19 @@ def test_sample_fid_benchmark():
                       2, "--image-size", 64, "--attention", "reductions")
     assert result["attention"] == "reductions" and result["num_images"] == 2 and result["images_per_s"] > 0
     assert {"gen_images_per_s", "decode_images_per_s", "minutes_for_50k"} <= set(result)
+    assert {"setup_compile_s", "warmup_s", "capture_s"} <= set(result) and result["ms_per_position"]["1"] > 0
+
+
+def test_attention_decode_benchmark_toy():
+    """Every decode kernel at a toy size (eager; Triton interpreted, as conftest sets it without a GPU): one
+    line per (kernel, length), each close to SDPA, and the summary naming the fastest."""
+    *lines, summary = bench("attention_decode.py", "--toy")
+    from autoregressive.models.decode_attention import ATTENTION_KERNELS
+
+    assert {(r["kernel"], r["length"]) for r in lines} == {(k, n) for k in ATTENTION_KERNELS for n in (1, 17, 48)}
+    assert all(r["us"] > 0 and r["gb_per_s"] > 0 and r["max_abs_err"] < 1e-5 for r in lines)
+    assert summary["benchmark"] == "attention_decode_summary" and summary["fastest"] in ATTENTION_KERNELS
+    assert not summary["failed"]
 
 
 def test_training_benchmarks():

@@ -3,6 +3,8 @@ uniform, follows the model's distribution and does not depend on the batch, and 
 decoder and writer thread behave. The CUDA-graph paths are tested in test_generate_cuda.py."""
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import numpy as np
 import pytest
 import torch
@@ -10,8 +12,9 @@ from torch._dynamo.utils import counters
 
 import torch.nn.functional as F
 
+from autoregressive.models import decode_attention as decode_attention_module
 from autoregressive.models import generate
-from autoregressive.models.far import single_query_attention
+from autoregressive.models.decode_attention import ATTENTION_KERNELS, decode_attention, single_query_attention
 from autoregressive.models.generate import row_keys, sample, uniform_noise
 from autoregressive.sample.pipeline import AsyncWriter, ImageDecoder, auto_batch_size
 from test_far_model import tiny_model
@@ -38,55 +41,104 @@ CHI2_1E4 = {9: 33.7, 19: 51.2, 39: 78.0}
 
 
 # ------------------------------------------------------------------------------------------------------------
-# compiled == eager
+# the decode kernels
 # ------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("factors,kw,sampling,attention", [
-    # factor 1 greedy, factor 2 sampled with top-k and top-p: one compilation covers both paths
-    (2, {}, dict(cfg_scale=(1.5, 3.0), top_k=(1, 8), top_p=(1.0, 0.9), temperature=(1.0, 1.2)), "sdpa"),
-    (3, dict(n_kv_head=2), dict(cfg_scale=(2.0, 1.0, 4.0), top_k=1), "sdpa"),
-    # the reduction attention, compiled, against eager SDPA (grouped-query heads: the broadcast path)
-    (3, dict(n_kv_head=2), dict(cfg_scale=(2.0, 1.0, 4.0), top_k=(1, 8, 0)), "reductions"),
-])
-def test_compiled_generation_equals_eager(factors, kw, sampling, attention):
-    """Greedy and sampled codes are identical (the random numbers are the same integers in both); the
-    position step compiles once, not once per position (the attention length is a dynamic size)."""
+# The "triton" kernel runs under Triton's interpreter here: conftest sets TRITON_INTERPRET=1 without a GPU
+# (before Triton is imported, which is when it must be set).
+def test_triton_runs_interpreted_without_a_gpu():
+    import os
+
+    assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_every_kernel_equals_sdpa_on_the_filled_part(split, monkeypatch):
+    """Each kernel at filled lengths 1, 16, 17 and the whole cache (48: three 16-blocks), plain and
+    grouped-query heads (groups of 2 and 3), with large values beyond the length that must not leak in.
+    ``split``: the Triton kernel splits the keys over several programs (few rows), or not (many rows)."""
+    if not split:
+        monkeypatch.setattr(decode_attention_module, "ENOUGH_PROGRAMS", 1)
+    kernels = ATTENTION_KERNELS if split else ["triton"]
+    gen = torch.Generator().manual_seed(0)
+    for heads, kv_heads in ((4, 4), (4, 2), (6, 2)):
+        q = torch.randn(2, heads, 1, 16, generator=gen)
+        k, v = torch.randn(2, 2, kv_heads, 48, 16, generator=gen)
+        for n in (1, 16, 17, 48):
+            g = heads // kv_heads
+            ref = F.scaled_dot_product_attention(q, k[:, :, :n].repeat_interleave(g, 1),
+                                                 v[:, :, :n].repeat_interleave(g, 1))
+            k2, v2 = k.clone(), v.clone()
+            k2[:, :, n:], v2[:, :, n:] = 1e4, -1e4  # stale entries beyond the filled length
+            for kernel in kernels:
+                got = decode_attention(kernel, q, k2, v2, torch.tensor([n]))
+                assert got.shape == q.shape and got.dtype == q.dtype
+                torch.testing.assert_close(got, ref, atol=2e-6, rtol=0, msg=f"{kernel} {heads}/{kv_heads} n={n}")
+    if not split:
+        return
+    # float64 stays float64 where the kernel computes in it (the reductions), length None is the whole cache
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    ref = F.scaled_dot_product_attention(q64, k64.repeat_interleave(3, 1), v64.repeat_interleave(3, 1))
+    assert torch.allclose(single_query_attention(q64, k64, v64), ref, atol=1e-12)
+    for kernel in ATTENTION_KERNELS:
+        torch.testing.assert_close(decode_attention(kernel, q, k, v), ref.float(), atol=2e-6, rtol=0)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        generate(tiny_model(2), [1], attention="flash")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# compiled == eager, one graph for every position
+# ------------------------------------------------------------------------------------------------------------
+COMPILED_POSITIONS = 4  # the first position (class token) and three more: every one runs the same graph
+SAMPLING = {
+    # factor 1 greedy, factor 2 sampled with top-k and top-p
+    2: dict(cfg_scale=(1.5, 3.0), top_k=(1, 8), top_p=(1.0, 0.9), temperature=(1.0, 1.2)),
+    # grouped-query heads, an unguided factor (scale 1), greedy, top-k and plain sampling
+    3: dict(cfg_scale=(2.0, 1.0, 4.0), top_k=(1, 8, 0)),
+}
+
+
+NESTED_REGIONS = hasattr(torch.compiler, "nested_compile_region")  # PyTorch >= 2.8
+
+
+@pytest.mark.parametrize("attention", ATTENTION_KERNELS)
+@pytest.mark.parametrize("factors", [2, 3])
+def test_compiled_generation_equals_eager(factors, attention):
+    """Compiled generation with each decode kernel gives the codes of eager SDPA generation (greedy and sampled:
+    the random numbers are the same integers). One compiled graph serves the whole generation, its first
+    position included: the step compiles once, and another generation (other labels, seed) under
+    ``error_on_recompile`` reuses it.
+
+    The (2, sdpa) case also counts lowerings: the trunk's layers share one lowered block
+    (``TransformerBlock.cached_step`` is a nested compile region), as do the factor head's layers at each of its
+    F steps, so the qkv projection is lowered 1 + F times, not n_layer + F * ar_n_layer times. Its four layers'
+    drop-path rates differ, as in a trained model: in eval mode they must not tell the blocks apart."""
+    lowering = NESTED_REGIONS and factors == 2 and attention == "sdpa"
+    kw = dict(n_kv_head=2) if factors == 3 else dict(n_layer=4, drop_path_rate=0.1) if lowering else {}
     model = tiny_model(factors, **kw).float()
-    labels = [3, 7, 0]
-    eager = generate(model, labels, seed=11, **sampling)
-    before = counters["stats"]["unique_graphs"]
-    sampling = dict(sampling, attention=attention)
-    compiled = generate(model, labels, seed=11, compile=True, **sampling)
-    assert counters["stats"]["unique_graphs"] - before <= 1
-    assert compiled.shape == (3, model.config.block_size, factors)
-    assert torch.equal(compiled, eager)
-    again = generate(model, [1, 2, 3], seed=12, compile=True, **sampling)  # reuses the compiled step
-    assert counters["stats"]["unique_graphs"] - before <= 1
-    assert torch.equal(again, generate(model, [1, 2, 3], seed=12, **sampling))
-
-
-NESTED_REGIONS = pytest.mark.skipif(not hasattr(torch.compiler, "nested_compile_region"), reason="PyTorch < 2.8")
-
-
-@NESTED_REGIONS
-def test_compiled_step_lowers_one_block_for_all_layers():
-    """The layers of the trunk share one lowered block (``TransformerBlock.cached_step`` is a nested compile
-    region), as do the factor head's layers at each of its F steps: the qkv projection is lowered 1 + F times,
-    not n_layer + F * ar_n_layer times. The layers' drop-path rates differ, as in a trained model: in eval mode
-    they must not tell the blocks apart."""
-    model = tiny_model(2, n_layer=4, ar_n_layer=2, drop_path_rate=0.1).float()
-    assert len({layer.drop_path_p for layer in model.layers}) == 4
+    sampling = SAMPLING[factors]
+    # interpreted Triton costs ~10 ms per program (one per row and KV head): fewer rows
+    labels, other = ([3], [9]) if attention == "triton" else ([3, 7], [1, 9])
+    eager = generate(model, labels, COMPILED_POSITIONS, seed=11, **sampling)
     counters.clear()
-    # caches off: a cached graph would skip lowering, which is what is counted here
-    with torch._inductor.config.patch(fx_graph_cache=False), \
-            torch._functorch.config.patch(enable_autograd_cache=False):
-        compiled = generate(model, [1, 2], seed=0, cfg_scale=2.0, compile=True)
-    assert torch.equal(compiled, generate(model, [1, 2], seed=0, cfg_scale=2.0))
-    qkv = model.layers[0].attention.wqkv.weight.shape[0]
-    lowered = {key: n for key, n in counters["aten_mm_info"].items() if key.split("_")[2] == str(qkv)}
-    assert sum(lowered.values()) == 1 + model.config.num_factors, lowered
+    with ExitStack() as caches_off:
+        if lowering:  # a cached graph would skip lowering, which is what is counted
+            caches_off.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
+            caches_off.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
+        compiled = generate(model, labels, COMPILED_POSITIONS, seed=11, compile=True, attention=attention, **sampling)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert torch.equal(compiled, eager)
+    if lowering:
+        assert len({layer.drop_path_p for layer in model.layers}) == 4
+        qkv = model.layers[0].attention.wqkv.weight.shape[0]
+        lowered = {key: n for key, n in counters["aten_mm_info"].items() if key.split("_")[2] == str(qkv)}
+        assert sum(lowered.values()) == 1 + factors, lowered
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        again = generate(model, other, COMPILED_POSITIONS, seed=12, compile=True, attention=attention, **sampling)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert torch.equal(again, generate(model, other, COMPILED_POSITIONS, seed=12, **sampling))
 
 
-@NESTED_REGIONS
+@pytest.mark.skipif(not NESTED_REGIONS, reason="PyTorch < 2.8")
 def test_nine_factor_head_steps_trace_in_one_graph():
     """Each factor-head step is its own region entry (its attention length differs); nine of them exceed
     PyTorch's default cap of 8 entries, which is an error unless the region raises it."""
@@ -99,29 +151,18 @@ def test_nine_factor_head_steps_trace_in_one_graph():
             torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "reductions"])
+@pytest.mark.parametrize("attention", ["sdpa", "reductions", "flex"])  # Triton: in the kernel test (interpreted)
 def test_prefix_attention_reads_only_the_filled_cache(attention):
-    """Eager decoding slices the cache to the filled length: stale entries beyond it cannot leak in."""
+    """Eager decoding reads the filled part of the cache only: stale entries beyond it cannot leak in."""
     model = tiny_model(2)
-    first = generate(model, [4, 5], cfg_scale=2.0, top_k=1, seed=0, attention=attention)
+    kw = dict(cfg_scale=2.0, top_k=1, seed=0)
+    labels = [4, 5]
+    first = generate(model, labels, 4, attention=attention, **kw)
     for layer in list(model.layers) + list(model.ar_head):  # garbage in every cache slot
         layer.attention.kv_cache.k.normal_(0, 100.0)
         layer.attention.kv_cache.v.normal_(0, 100.0)
-    assert torch.equal(generate(model, [4, 5], cfg_scale=2.0, top_k=1, seed=0, attention=attention), first)
-    assert torch.equal(generate(model, [4, 5], cfg_scale=2.0, top_k=1, seed=0), first)
-
-
-def test_single_query_attention_equals_sdpa():
-    torch.manual_seed(0)
-    q = torch.randn(3, 8, 1, 16, dtype=torch.float64)
-    for kv_heads in (8, 2):  # plain and grouped-query heads
-        k, v = torch.randn(2, 3, kv_heads, 9, 16, dtype=torch.float64)
-        g = 8 // kv_heads
-        ref = F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1))
-        got = single_query_attention(q, k, v)
-        assert got.dtype == q.dtype and torch.allclose(got, ref, atol=1e-12)
-    with pytest.raises(ValueError, match="attention must be one of"):
-        generate(tiny_model(2), [1], attention="flash")
+    assert torch.equal(generate(model, labels, 4, attention=attention, **kw), first)
+    assert torch.equal(generate(model, labels, 4, **kw), first)
 
 
 # ------------------------------------------------------------------------------------------------------------

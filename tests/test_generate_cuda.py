@@ -32,7 +32,7 @@ def exact_float32():
 
 
 def cuda_model(factors, **kw):
-    # 8x8 grid: 64 positions, so every graph (one per attention length) from 2 to 64 entries runs
+    # 8x8 grid: 64 positions, so the one graph runs every attention length from 1 to 64 entries
     return tiny_model(factors, block_size=64, **kw).float().cuda()
 
 
@@ -43,20 +43,26 @@ def test_cuda_graph_generation_equals_eager(factors, kw):
     greedy = dict(cfg_scale=2.0, top_k=1, seed=3)
     eager = generate(model, labels, **greedy)
     before = counters["stats"]["unique_graphs"]
-    compiled = generate(model, labels, compile=True, **greedy)  # inductor + one CUDA graph per position
-    assert counters["stats"]["unique_graphs"] - before == 1  # one compilation for all 63 attention lengths
+    compiled = generate(model, labels, compile=True, **greedy)  # inductor + one CUDA graph, replayed 64 times
+    assert counters["stats"]["unique_graphs"] - before == 1  # one compilation for all 64 positions
     assert compiled.shape == (4, 64, factors) and torch.equal(compiled, eager)
     # replay with other inputs: the captured graphs are reused, and earlier results are not overwritten
     runner = _runners[model][1]
+    assert runner.num_graphs == 1
     other = generate(model, labels.flip(0), compile=True, **{**greedy, "seed": 4})
     assert _runners[model][1] is runner
     assert torch.equal(other, generate(model, labels.flip(0), **{**greedy, "seed": 4}))
     assert torch.equal(compiled, eager)
     graphs_only = generate(model, labels, cuda_graphs=True, **greedy)  # eager kernels, captured
     assert torch.equal(graphs_only, eager)
-    # the reduction attention (its own graphs): the same codes as eager SDPA, up to a rare float near-tie
-    reduced = generate(model, labels, compile=True, attention="reductions", **greedy)
-    assert (reduced == eager).flatten(1).all(1).sum().item() >= 3
+    # the other decode kernels (their own graphs): the same codes as eager SDPA, up to a rare float near-tie
+    for attention in ("reductions", "flex", "triton"):
+        other = generate(model, labels, compile=True, attention=attention, **greedy)
+        assert (other == eager).flatten(1).all(1).sum().item() >= 3, attention
+    # cfg_interval: two plans (guided, then not), two graphs, the same compiled step for each
+    interval = generate(model, labels, compile=True, cfg_interval=10, **greedy)
+    assert _runners[model][1].num_graphs == 2
+    assert torch.equal(interval, generate(model, labels, cfg_interval=10, **greedy))
     sampled = dict(cfg_scale=(1.5, 3.0, 2.0)[:factors], top_k=8, top_p=0.9, seed=5)
     ref = generate(model, labels, **sampled)
     got = generate(model, labels, compile=True, **sampled)
@@ -79,7 +85,7 @@ def test_cuda_compiled_sampling_is_identically_distributed():
     assert stat < CHI2_1E4[39]
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "reductions"])
+@pytest.mark.parametrize("attention", ["sdpa", "reductions", "flex", "triton"])
 def test_bf16_far_t_compiled_full_image(attention):
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -105,7 +111,8 @@ def test_sample_script_under_torchrun_nccl(tmp_path):
     common = ["--vq-ckpt", tmp_path / "dual.pt", "--gpt-ckpt", tmp_path / "far.pt", "--gpt-model", "FAR-T",
               "--image-size", 32, "--image-size-eval", 32, "--downsample-size", 4, "--num-classes", 3,
               "--cfg-scale", 2.0, "--num-fid-samples", 21, "--top-k", 16, "--sample-dir", tmp_path]
-    # compile on by default, batch size from free memory (the compiled decoder is timed by the suite instead)
+    # compile and the decode stream on by default, batch size from free memory (the compiled decoder is timed by
+    # the suite instead)
     r = torchrun("autoregressive/sample/sample_c2i_ddp_dual_code.py", *common, "--name", "auto",
                  "--no-compile-decoder", nproc=1, cwd=tmp_path, gpu=True)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -114,7 +121,7 @@ def test_sample_script_under_torchrun_nccl(tmp_path):
     assert out["arr_0"].shape == (21, 32, 32, 3) and out["arr_0"].dtype == np.uint8
     assert out["arr_1"].shape == (21,) and set(out["arr_1"].tolist()) <= {0, 1, 2}
     r = torchrun("autoregressive/sample/sample_c2i_ddp_dual_code.py", *common, "--name", "eager", "--no-compile",
-                 "--per-proc-batch-size", 8, "--decode-stream", nproc=1, cwd=tmp_path, gpu=True)
+                 "--per-proc-batch-size", 8, "--no-decode-stream", nproc=1, cwd=tmp_path, gpu=True)
     assert r.returncode == 0, r.stderr[-3000:]
     eager = np.load(tmp_path / "eager.npz")
     assert np.array_equal(eager["arr_1"], out["arr_1"])

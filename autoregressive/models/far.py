@@ -33,6 +33,13 @@ import torch.nn.functional as F
 
 from utils.factors import factor_count, factor_names
 
+from . import decode_attention as _decode
+from .decode_attention import KV_BLOCK, decode_attention
+
+# the decode kernels' names and the reduction kernel, where they lived before decode_attention.py
+ATTENTION_KERNELS = _decode.ATTENTION_KERNELS
+single_query_attention = _decode.single_query_attention
+
 def find_multiple(n: int, k: int) -> int:
     return n if n % k == 0 else n + k - n % k
 
@@ -128,6 +135,13 @@ def far_config(name: str = "FAR-B", num_factors: int | str = 2, **overrides) -> 
     return FARConfig(**{**FAR_models[name], "num_factors": factor_count(num_factors), **overrides})
 
 
+def cache_length(cfg: FARConfig) -> int:
+    """Entries of the trunk's KV cache: the class token(s) and every position, rounded up to a multiple of the
+    decode kernels' KV block (16), so block-wise kernels always read whole blocks inside the buffer (the spare
+    entries are never written and always masked)."""
+    return find_multiple(cfg.cls_token_num + cfg.block_size, KV_BLOCK)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # 2-D rotary position embedding
 # ------------------------------------------------------------------------------------------------------------
@@ -200,29 +214,6 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
-ATTENTION_KERNELS = ("sdpa", "reductions")  # how a single decoding query attends (see single_query_attention)
-
-
-def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v for ONE query per (row, head): q (B, H, 1, d), k and v (B, H_kv, L, d).
-
-    Written as two reductions instead of a fused attention kernel. With one query, the work is reading the
-    cache; but SDPA's fused kernels process queries in tiles of 64 or 128 rows, so for a single query they do
-    64-128 times the arithmetic that reading it needs. Compiled by inductor, these lines become a kernel that
-    reads K once (the scores, reduced over d), a small softmax over L, and a kernel that reads V once (reduced
-    over L), with scores and probabilities in float32 (float64 inputs stay float64). Grouped-query heads
-    broadcast, so K and V are not copied per head. Run eagerly it materialises (B, H, L, d) products: it is
-    meant for compiled decoding (``generate(..., attention="reductions")``)."""
-    B, H, _, d = q.shape
-    kv_heads = k.shape[1]
-    acc = torch.promote_types(q.dtype, torch.float32)  # bf16 / fp16 accumulate in float32, float64 stays
-    q = q.to(acc).view(B, kv_heads, H // kv_heads, 1, d) * d ** -0.5   # (B, H_kv, G, 1, d)
-    scores = (q * k[:, :, None].to(acc)).sum(-1)                         # (B, H_kv, G, L)
-    probs = scores.softmax(-1)
-    y = (probs[..., None] * v[:, :, None].to(acc)).sum(-2)               # (B, H_kv, G, d)
-    return y.reshape(B, H, 1, d).to(v.dtype)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: FARConfig):
         super().__init__()
@@ -234,14 +225,18 @@ class Attention(nn.Module):
         self.kv_cache: Optional[KVCache] = None
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
-                mask: Optional[torch.Tensor] = None, kv_len: Optional[int] = None,
-                kernel: str = "sdpa") -> torch.Tensor:
+                mask: Optional[torch.Tensor] = None, kv_len=None, kernel: str = "sdpa") -> torch.Tensor:
         """Without ``input_pos``: causal attention over x alone (training, teacher forcing). With it: x holds
         the sequence positions ``input_pos``; their keys/values go into the cache, and the queries attend to
-        the first ``kv_len`` cache entries (default: all), restricted by ``mask`` (len(input_pos), kv_len)
-        when given. A single query at the last filled entry needs no mask, which keeps SDPA on its fastest
-        kernels (flash attention on a GPU); ``kernel="reductions"`` computes that case with
-        ``single_query_attention`` instead."""
+        its first ``kv_len`` entries:
+
+        * a tensor (int64, one element): the filled length as data. A single query then attends through the
+          decode kernel ``kernel`` (``decode_attention``) over the whole static cache, masked beyond the
+          length: one graph serves every length;
+        * an int: the cache is sliced to that many entries (static), and a single query attends to all of
+          them through ``kernel``;
+        * None: the whole cache, restricted by ``mask`` (len(input_pos), cache length) when given (SDPA).
+        """
         B, T, _ = x.shape
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
@@ -250,17 +245,17 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
-            if kv_len is None:
-                kv_len = k.shape[2] if mask is None else mask.shape[-1]
-            k, v = k[:, :, :kv_len], v[:, :, :kv_len]
-        if kernel == "reductions" and input_pos is not None and T == 1 and mask is None:
-            y = single_query_attention(q, k, v)
-        else:
-            if self.n_kv_head != self.n_head:
-                k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-                v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=input_pos is None,
-                                               dropout_p=self.attn_dropout_p if self.training else 0.0)
+            if isinstance(kv_len, int):
+                k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+            if T == 1 and mask is None:
+                length = kv_len if isinstance(kv_len, torch.Tensor) else None
+                y = decode_attention(kernel, q, k, v, length)
+                return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, q_dim)))
+        if self.n_kv_head != self.n_head:
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=input_pos is None,
+                                           dropout_p=self.attn_dropout_p if self.training else 0.0)
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, q_dim)))
 
 
@@ -463,12 +458,13 @@ class FAR(nn.Module):
     # -- cached decoding (used by generate.py) ---------------------------------------------------------------
     def setup_caches(self, batch_size: int, dtype: Optional[torch.dtype] = None,
                      device: Optional[torch.device] = None) -> None:
-        """Allocate the static KV caches: the trunk's for the whole sequence, the factor head's for its F
-        steps (overwritten at every position). Caches of the right shape are kept, not reallocated."""
+        """Allocate the static KV caches: the trunk's for the whole sequence (``cache_length``: rounded up to
+        whole blocks of the decode kernels), the factor head's for its F steps (overwritten at every
+        position). Caches of the right shape are kept, not reallocated."""
         cfg = self.config
         dtype = dtype or self.aggregation_layer.weight.dtype
         device = device or self.aggregation_layer.weight.device
-        for layers, length in ((self.layers, cfg.cls_token_num + cfg.block_size), (self.ar_head, cfg.num_factors)):
+        for layers, length in ((self.layers, cache_length(cfg)), (self.ar_head, cfg.num_factors)):
             for layer in layers:
                 c = layer.attention.kv_cache
                 shape = (batch_size, cfg.kv_heads, length, cfg.head_dim)
@@ -480,21 +476,23 @@ class FAR(nn.Module):
         return self.aggregation_layer(torch.cat([self.tok_embedding(f)(tokens[:, f:f + 1])
                                                  for f in range(self.config.num_factors)], dim=-1))
 
-    def trunk_step(self, x: torch.Tensor, input_pos: torch.Tensor, kv_len: Optional[int] = None,
+    def trunk_step(self, x: torch.Tensor, input_pos: torch.Tensor, kv_len=None,
                    kernel: str = "sdpa") -> torch.Tensor:
         """Run the trunk on x (B, S, D) at sequence positions input_pos (S,) with the cache; (B, S, D) out.
         Sequence position 0 is the class token, position p >= 1 holds the codes of grid position p - 1.
 
-        ``kv_len`` is the number of cache entries the queries attend to; decoding passes max(input_pos) + 1,
-        so attention costs what the filled part of the cache costs. A single query (S == 1) then sees every
-        entry it attends to and needs no mask (for S == 1, kv_len must be input_pos + 1). Under torch.compile
-        ``kv_len`` may be a symbolic size (one graph for every length). None attends over the whole cache with
-        a causal mask (static shapes; the slow reference). ``kernel``: how a single query attends (``Attention``)."""
+        ``kv_len``, the number of cache entries the queries attend to (decoding: input_pos + 1):
+        * a tensor (int64, one element; S == 1): the filled length as data; the single query attends through
+          the decode kernel ``kernel`` over the static cache, masked beyond it (``decode_attention``), so one
+          compiled graph serves every position;
+        * an int: the cache sliced to that length (for S == 1 it must be input_pos + 1: no mask needed);
+        * None: the whole cache with a causal mask (the slow reference)."""
         S = x.shape[1]
         mask = None
         if kv_len is None or S > 1:
-            length = kv_len or self.layers[0].attention.kv_cache.k.shape[2]
+            length = kv_len if isinstance(kv_len, int) else self.layers[0].attention.kv_cache.k.shape[2]
             mask = torch.arange(length, device=x.device)[None, :] <= input_pos[:, None]
+            kv_len = length
         rope = self.rope[input_pos]
         for layer in self.layers:
             x = layer.cached_step(x, rope, input_pos, mask, kv_len, kernel)

@@ -1,12 +1,11 @@
 """Sampling images' codes from FAR with static KV caches, classifier-free guidance and compiled position steps.
 
-One image position costs one trunk step plus F factor-head steps:
+One image position is one step (``next_position``): one trunk step plus F factor-head steps:
 
-    prefill: class token -> trunk -> h                               (first_position)
-    for every position t:
+    for every position t (pos = t):
+        h = trunk_step(class embedding if t == 0 else aggregate(codes of t - 1))
         x = h
         for factor j in 0..F-1:  logits = head_step(x, j); guide; sample code j; x = embedding_j(code j)
-        h = trunk_step(aggregate(codes of t))                         (next_position: trunk, then the heads)
 
 Guidance batches the conditional and the unconditional (null class) rows together, so each step is ONE
 forward pass over 2B rows: logits = uncond + scale * (cond - uncond), with a scale per factor. The scales
@@ -15,10 +14,13 @@ of CUDA graphs; only whether a factor is guided at all (scale != 1) is part of t
 allocated once (and kept for the next generation if the shape matches); the factor head's cache holds just F
 steps and is overwritten at every position, because step j writes slot j before any query reads it.
 
-Attention at position t reads exactly the C + t filled cache entries, without a mask: its cost follows the
-filled part of the cache, and SDPA can use its fastest kernels (flash attention on a GPU). With
-``attention="reductions"`` the single query attends through two plain reductions instead
-(``far.single_query_attention``), which compiled read the cache once without the fused kernels' query tiles.
+Position and attention length are DATA: the step reads one int64 tensor ``pos`` (the sequence position it
+writes: 0 is the class token, p >= 1 the codes of grid position p - 1), writes the caches at ``pos``, attends
+to the first ``pos + 1`` entries (a length tensor: masked beyond it, see ``decode_attention``) and samples
+grid position ``pos`` (C = 1 class token). Every shape is static, so ONE compiled step serves every position of
+a generation, the first included (its input is the class embedding, picked on the device by ``pos``).
+``attention`` names the single-query kernel (``decode_attention.ATTENTION_KERNELS``: "sdpa", "reductions",
+"flex", "triton").
 
 Random numbers are counter-based: the uniform of (image row, position, factor, vocabulary entry) is a hash of
 those integers and the seed, computed with integer tensor ops (``uniform_noise``). So sampling has no
@@ -26,26 +28,29 @@ generator state to carry, runs inside compiled graphs and CUDA graphs without a 
 numbers eagerly and compiled, and an image's codes depend only on (seed, its row id, its label), not on the
 batch it was generated in or on the number of processes.
 
-``compile=True`` compiles ``next_position`` (trunk step + every factor-head step + guidance + sampling) into ONE
-graph with torch.compile (``fullgraph=True``: a graph break is an error). Its only varying shape is the
-number of visible cache entries, marked dynamic, so one compilation serves every position; inside it, every
-layer shares one compiled block (``TransformerBlock.cached_step``, a nested compile region). On CUDA each
-position is then captured as a CUDA graph (``CudaGraphGeneration``); the rules CUDA graphs impose are kept
+``compile=True`` compiles ``next_position`` (class or code embedding + trunk step + every factor-head step +
+guidance + sampling) into ONE graph with torch.compile (``fullgraph=True``: a graph break is an error;
+``dynamic=False``: static shapes, no dynamic dimension). It compiles once per sampling plan (one plan, or two
+with ``cfg_interval``); inside it, every layer shares one compiled block (``TransformerBlock.cached_step``, a
+nested compile region). On CUDA the step is captured as a CUDA graph once per plan, and the graph advances
+``pos`` itself, so a generation is T replays (``CudaGraphGeneration``); the rules CUDA graphs impose are kept
 there, explicitly: static buffers for everything that crosses a replay, nothing kept from the graph pool.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
-import torch._dynamo
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .far import ATTENTION_KERNELS, FAR
+from .decode_attention import check_kernel
+from .far import FAR
 
 PerFactor = Union[float, int, Sequence[float], Sequence[int]]
 
@@ -126,7 +131,7 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p
 @dataclass(frozen=True)
 class SamplingPlan:
     """The constants of one generation's position steps: per-factor sampling, and how a decoding query
-    attends (``attention``: "sdpa" or "reductions", see ``far.single_query_attention``). They are Python
+    attends (``attention``: a name of ``decode_attention.ATTENTION_KERNELS``). They are Python
     constants in compiled graphs (a different plan compiles once more), so hashable and frozen. The guidance
     scales themselves are not among them (a tensor passed to each step): only which factors are guided."""
     guided: tuple[bool, ...]        # per factor: mix in the unconditional logits (scale != 1)
@@ -163,86 +168,81 @@ def decode_position(model: FAR, h: torch.Tensor, plan: SamplingPlan, keys: torch
     return torch.stack(codes, dim=1)
 
 
+def next_position(model: FAR, prev: torch.Tensor, cond: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor,
+                  plan: SamplingPlan, scales: torch.Tensor) -> torch.Tensor:
+    """One position step; (B, F) codes of grid position ``pos`` (C = 1 class token).
+
+    ``pos``: an int64 tensor of one element, the sequence position this step writes. At ``pos == 0`` the
+    trunk's input is the class embedding of ``cond`` (rows), else the embedding of ``prev`` (rows, F), the codes
+    of the position before; both are computed and one is picked on the device, so the first position runs the
+    same graph as the others. The queries attend to ``pos + 1`` cache entries (a length tensor). Every shape is
+    static: compiled, one graph serves every position."""
+    C = model.config.cls_token_num
+    first = (pos < C).view(1, 1, 1)
+    x = torch.where(first, model.cls_embedding(cond)[:, None], model.embed_position(prev))
+    h = model.trunk_step(x, pos, pos + 1, plan.attention)
+    return decode_position(model, h, plan, keys, pos - (C - 1), scales)
+
+
 def first_position(model: FAR, cond: torch.Tensor, keys: torch.Tensor, plan: SamplingPlan,
                    scales: torch.Tensor) -> torch.Tensor:
-    """Prefill the class token(s) (attending to themselves only) and sample grid position 0; (B, F)."""
-    C = model.config.cls_token_num
-    pos = torch.arange(C, device=cond.device)
-    h = model.trunk_step(model.cls_embedding(cond)[:, None], pos, C, plan.attention)[:, -1:]
-    return decode_position(model, h, plan, keys, pos[:1] * 0, scales)
-
-
-def next_position(model: FAR, prev: torch.Tensor, visible: torch.Tensor, keys: torch.Tensor,
-                  plan: SamplingPlan, scales: torch.Tensor) -> torch.Tensor:
-    """Feed the codes ``prev`` (rows, F) of grid position t - 1 to the trunk, then sample position t; (B, F).
-
-    ``visible`` = arange(C + t): the sequence positions the new query sees (class token(s), then positions
-    0..t-1). Its length is the attention length; under torch.compile that length is a symbolic size, so one
-    graph serves every position, and ``visible[-1:]`` is the position as data (no recompilation)."""
-    C = model.config.cls_token_num
-    input_pos = visible[-1:]
-    h = model.trunk_step(model.embed_position(prev), input_pos, visible.shape[0], plan.attention)
-    return decode_position(model, h, plan, keys, input_pos - (C - 1), scales)
+    """Prefill the class token and sample grid position 0; (B, F) (``next_position`` at ``pos = 0``)."""
+    Fn = model.config.num_factors
+    prev = torch.zeros(cond.shape[0], Fn, dtype=torch.long, device=cond.device)
+    pos = torch.zeros(1, dtype=torch.long, device=cond.device)
+    return next_position(model, prev, cond, pos, keys, plan, scales)
 
 
 _compiled: dict = {}
 
 
 def compiled_next_position():
-    """``next_position`` compiled by inductor without CUDA graphs (we capture those ourselves, one per
-    position, which keeps their static buffers under our control). ``dynamic=False``: the only dynamic size
-    is the one ``_visible`` marks; a new batch or model compiles a new static graph rather than turning
-    other sizes symbolic."""
+    """``next_position`` compiled by inductor without CUDA graphs (we capture those ourselves, which keeps their
+    static buffers under our control). ``dynamic=False``: every shape is static (position and length are
+    tensors' values), and a new batch or model compiles a new static graph rather than turning sizes symbolic."""
     if "next" not in _compiled:
         _compiled["next"] = torch.compile(next_position, fullgraph=True, dynamic=False)
     return _compiled["next"]
 
 
-def _recompile_limit(n: int):
+def _recompile_limit(n: int, compile: bool = True):
     """Each model config, batch and plan compiles ``next_position`` once; tests and benchmarks that build
-    several models in one process would exhaust dynamo's default budget (8) and fall back to eager silently."""
+    several models in one process would exhaust dynamo's default budget (8) and fall back to eager silently.
+    Eager generation needs no dynamo: importing it costs 1-2 s at every process start, so it is imported here."""
+    if not compile:
+        return contextlib.nullcontext()
+    import torch._dynamo
+
     name = next(k for k in ("recompile_limit", "cache_size_limit") if hasattr(torch._dynamo.config, k))
     return torch._dynamo.config.patch(**{name: max(n, getattr(torch._dynamo.config, name))})
 
 
 def _decode_attention():
-    """SDPA backends for decoding: flash (bf16/fp16), memory-efficient (float32) or math; not cuDNN, which
-    recent PyTorch prefers on H100/H200. cuDNN builds an execution plan per key length, i.e. per position,
-    and building one inside a CUDA-graph capture is not something to rely on; flash attention takes any
-    length and needs no mask here."""
+    """SDPA backends for decoding: flash (bf16/fp16), memory-efficient (float32 or masked) or math; not cuDNN,
+    which recent PyTorch prefers on H100/H200: cuDNN builds an execution plan per shape, and building one
+    inside a CUDA-graph capture is not something to rely on."""
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def _visible(model: FAR, positions: torch.Tensor, t: int, compile: bool) -> torch.Tensor:
-    """arange(C + t) (a view of ``positions``, so a static address), its length marked dynamic under compile:
-    one graph for every position. The range is the same for every call, so later calls never fail the guard:
-    from 2 (sizes 0 and 1 would be specialised) to the last position's C + block_size - 1 (one less than the
-    cache length, which would be specialised too: slicing the whole cache is a different view)."""
-    cfg = model.config
-    v = positions[:cfg.cls_token_num + t]
-    if compile:
-        torch._dynamo.mark_dynamic(v, 0, min=2, max=cfg.cls_token_num + cfg.block_size - 1)
-    return v
-
-
 # ------------------------------------------------------------------------------------------------------------
-# CUDA graphs: one per position
+# CUDA graphs: one per plan, advancing the position itself
 # ------------------------------------------------------------------------------------------------------------
 class CudaGraphGeneration:
-    """Every position of one generation shape (model, rows, positions, plans) captured as a CUDA graph.
+    """One generation shape (model, rows, positions, plans) as CUDA graphs: ONE graph per distinct sampling plan
+    (one, or two with ``cfg_interval``), each a single position step that also advances the position tensor
+    ``pos`` inside the graph. A generation replays, for t = 0..T-1, the graph of position t's plan.
 
     The CUDA-graph rules, kept explicitly:
     * every tensor that crosses a replay has a static address and is allocated before capture, outside the
       graphs' memory pool: the KV caches, ``cond``, ``keys`` and ``scales`` (inputs, copied in before the replays),
-      ``prev`` (the codes each graph leaves for the next) and ``out`` (the result, cloned before returning);
-    * a graph writes its results into those buffers with ``copy_`` inside the graph; no tensor allocated during
-      capture is kept, so the graphs can share one pool (they replay one after the other on one stream);
-    * the position is baked into each graph (its ``visible`` view), the random streams come from ``keys``:
-      no host sync and no generator state inside;
-    * every position runs once before any capture (one extra generation): compilation, autotuning and
-      library initialisation (cuBLAS workspaces, kernels for each attention length) never happen inside a
-      capture, whatever a PyTorch version decides to specialise. The last position runs first, so the one
-      compilation sees (and autotunes for) the longest attention.
+      ``pos`` and ``prev`` (the position and the codes each replay leaves for the next) and ``out`` (the result,
+      written at row ``pos`` inside the graph, cloned before returning);
+    * no tensor allocated during capture is kept, so the graphs share one pool (they replay one after the other
+      on one stream);
+    * the position is data (``pos``), the random streams come from ``keys``: no host sync, no generator state;
+    * each plan's step runs once before any capture (warm-up: one step per plan, not a generation), so
+      compilation, autotuning and library initialisation never happen inside a capture. Shapes are static, so
+      the one warm-up step has seen every kernel the other positions run.
     """
 
     @torch.no_grad()
@@ -252,53 +252,61 @@ class CudaGraphGeneration:
         self.batch, self.plans, self.compile = batch, tuple(plans), compile
         self.doubled = plans[0].doubled
         rows = 2 * batch if self.doubled else batch
-        T, C = len(plans), cfg.cls_token_num
+        self.C = cfg.cls_token_num
         self.step = compiled_next_position() if compile else next_position
         self.cond = torch.zeros(rows, dtype=torch.long, device=dev)
         self.keys = torch.zeros(batch, dtype=torch.long, device=dev)
         self.scales = torch.ones(cfg.num_factors, dtype=torch.float32, device=dev)
         self.prev = torch.zeros(rows, cfg.num_factors, dtype=torch.long, device=dev)
-        self.out = torch.zeros(batch, T, cfg.num_factors, dtype=torch.long, device=dev)
-        self.positions = torch.arange(C + T, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.out = torch.zeros(batch, len(plans), cfg.num_factors, dtype=torch.long, device=dev)
+        distinct = list(dict.fromkeys(self.plans))            # in order of first use
+        self.schedule = [distinct.index(p) for p in self.plans]  # graph of each position
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(stream), _recompile_limit(64), _decode_attention():
-            # Warm-up, longest attention first: the step compiles (and inductor autotunes its kernels) at the
-            # length where it costs most rather than at 2 entries; the outputs of this pass are discarded
-            for t in ([T - 1] if T > 2 else []) + list(range(T)):
-                self._position(model, t)
+        t0 = time.perf_counter()
+        with torch.cuda.stream(stream), _recompile_limit(64, compile), _decode_attention():
+            for plan in distinct:  # warm-up: one step per plan (compilation, autotuning)
+                self._position(model, plan)
             torch.cuda.synchronize(dev)
+            t1 = time.perf_counter()
             gc.collect()  # nothing collected mid-capture (torch.cuda.graph does the same, once per graph)
             self.graphs, pool = [], torch.cuda.graph_pool_handle()
-            for t in range(T):
+            for plan in distinct:
                 g = torch.cuda.CUDAGraph()
                 # thread_local: another thread (the sampler's writer) may call CUDA APIs meanwhile
                 g.capture_begin(pool=pool, capture_error_mode="thread_local")
                 try:
-                    self._position(model, t)
+                    self._position(model, plan)
                 finally:
                     g.capture_end()
                 self.graphs.append(g)
         torch.cuda.current_stream(dev).wait_stream(stream)
         torch.cuda.empty_cache()  # the warm-up's blocks sit cached for the side stream, unusable by the main one
+        torch.cuda.synchronize(dev)
+        # seconds: the warm-up steps (the compilation, when not done before) and the captures (benchmarks)
+        self.timings = {"warmup_s": t1 - t0, "capture_s": time.perf_counter() - t1}
 
-    def _position(self, m: FAR, t: int) -> None:
-        if t == 0:
-            new = first_position(m, self.cond, self.keys, self.plans[0], self.scales)
-        else:
-            visible = _visible(m, self.positions, t, self.compile)
-            new = self.step(m, self.prev, visible, self.keys, self.plans[t], self.scales)
-        self.out[:, t].copy_(new)
+    def _position(self, m: FAR, plan: SamplingPlan) -> None:
+        """One step at ``self.pos``: sample, store at row pos of ``out``, pass the codes on, advance ``pos``."""
+        new = self.step(m, self.prev, self.cond, self.pos, self.keys, plan, self.scales)
+        self.out.index_copy_(1, self.pos - (self.C - 1), new[:, None])
         self.prev.copy_(new.repeat(2, 1) if self.doubled else new)
+        self.pos.add_(1)
 
     @torch.no_grad()
     def __call__(self, cond: torch.Tensor, keys: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         self.cond.copy_(cond)
         self.keys.copy_(keys)
         self.scales.copy_(scales)
-        for g in self.graphs:
-            g.replay()
+        self.pos.zero_()
+        for g in self.schedule:
+            self.graphs[g].replay()
         return self.out.clone()  # the next generation overwrites self.out
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self.graphs)
 
 
 _runners: "weakref.WeakKeyDictionary[FAR, tuple]" = weakref.WeakKeyDictionary()
@@ -325,7 +333,8 @@ def generate(model: FAR, labels: Union[torch.Tensor, Sequence[int]], num_positio
              cfg_scale: PerFactor = 1.0, cfg_interval: float = -1, temperature: PerFactor = 1.0,
              top_k: PerFactor = 0, top_p: PerFactor = 1.0, generator: Optional[torch.Generator] = None,
              seed: Union[int, torch.Tensor, None] = None, row_ids: Union[torch.Tensor, Sequence[int], None] = None,
-             compile: bool = False, cuda_graphs: Optional[bool] = None, attention: str = "sdpa") -> torch.Tensor:
+             compile: bool = False, cuda_graphs: Optional[bool] = None, attention: str = "sdpa",
+             check_label_values: bool = True) -> torch.Tensor:
     """Sample codes for class ``labels`` (B,); returns (B, num_positions, F) int64, factor order as in training.
 
     cfg_scale, temperature, top_k, top_p: one value for all factors or a sequence of F values.
@@ -336,24 +345,26 @@ def generate(model: FAR, labels: Union[torch.Tensor, Sequence[int]], num_positio
     seed, row_ids: row i samples from the random stream (seed, row_ids[i]) (default row ids 0..B-1), so its
     codes do not depend on the other rows. Without ``seed``, one is drawn from ``generator`` (or torch's
     global generator).
-    compile: torch.compile the position step (inductor; one compilation for all positions).
-    cuda_graphs: capture every position as a CUDA graph (default: on with ``compile`` on a CUDA device; also
-    usable without ``compile``). Graphs are captured on the first call for a shape and reused afterwards.
-    attention: "sdpa" (default) or "reductions": how each position's single query attends to the caches
-    (``far.single_query_attention``; for compiled decoding, where it avoids the fused kernels' query tiles).
+    compile: torch.compile the position step (inductor; one compilation for all positions and lengths).
+    cuda_graphs: capture the position step as CUDA graphs, one per plan, replayed for every position (default:
+    on with ``compile`` on a CUDA device; also usable without ``compile``). Graphs are captured on the first
+    call for a shape and reused afterwards (also for other labels, seeds and guidance scales).
+    attention: how each position's single query attends to the caches, one of
+    ``decode_attention.ATTENTION_KERNELS`` ("sdpa", the default, "reductions", "flex", "triton").
+    check_label_values: look at the labels' values (a host sync for device labels); a caller that checked
+    them on the host already (the sampling pipeline) passes False. Shape and dtype are always checked.
     The model runs in eval mode; its previous mode is restored afterwards.
     """
     cfg = model.config
     Fn = cfg.num_factors
     device = model.aggregation_layer.weight.device
     labels = torch.as_tensor(labels, device=device)
-    model.check_labels(labels)
+    model.check_labels(labels, values=check_label_values)
     scales = per_factor(cfg_scale, Fn, "cfg_scale")
     temps = per_factor(temperature, Fn, "temperature")
     ks = per_factor(top_k, Fn, "top_k", int)
     ps = per_factor(top_p, Fn, "top_p")
-    if attention not in ATTENTION_KERNELS:
-        raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {attention!r}")
+    check_kernel(attention)
     if any(t < 0 for t in temps):
         raise ValueError(f"temperature must be >= 0, got {temps}")
     doubled = any(s != 1.0 for s in scales)
@@ -389,16 +400,15 @@ def generate(model: FAR, labels: Union[torch.Tensor, Sequence[int]], num_positio
         if cuda_graphs:
             return _cuda_graph_runner(model, B, plans, compile)(cond, keys, scale_data)
         step = compiled_next_position() if compile else next_position
-        C = cfg.cls_token_num
-        positions = torch.arange(C + T, device=device)
         out = torch.empty(B, T, Fn, dtype=torch.long, device=device)
-        with _recompile_limit(64), _decode_attention():
-            codes = first_position(model, cond, keys, plans[0], scale_data)
-            out[:, 0] = codes
-            for t in range(1, T):
-                prev = codes.repeat(2, 1) if doubled else codes
-                codes = step(model, prev, _visible(model, positions, t, compile), keys, plans[t], scale_data)
+        prev = torch.zeros(cond.shape[0], Fn, dtype=torch.long, device=device)
+        pos = torch.zeros(1, dtype=torch.long, device=device)  # data: one graph for every position
+        with _recompile_limit(64, compile), _decode_attention():
+            for t in range(T):
+                codes = step(model, prev, cond, pos, keys, plans[t], scale_data)
                 out[:, t] = codes
+                prev = codes.repeat(2, 1) if doubled else codes
+                pos += 1
         return out
     finally:
         model.train(was_training)

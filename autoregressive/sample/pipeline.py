@@ -3,10 +3,11 @@
     generate codes (compiled, CUDA graphs) -> decode (own batch, bf16, channels_last, compiled) -> uint8
     -> copy to pinned host memory (non-blocking) -> writer thread -> npz
 
-The main thread only enqueues GPU work; it never waits for a copy or the disk. The writer thread waits on each
-batch's CUDA event, then writes its rows, so writing overlaps the next batches' generation and decoding.
-Decoding can also run on a second CUDA stream (``decode_stream``), overlapping the next batch's generation on
-the GPU itself.
+The main thread only enqueues GPU work; it never waits for a copy or the disk: labels are checked once on the
+host and reach the GPU through pinned memory, asynchronously. The writer thread waits on each batch's CUDA
+event, then writes its rows, so writing overlaps the next batches' generation and decoding. Decoding runs on a
+second CUDA stream (``decode_stream``; the sampler's default on a GPU), overlapping the next batch's
+generation on the GPU itself.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from autoregressive.models.far import FAR, FARConfig
+from autoregressive.models.far import FAR, FARConfig, cache_length
 from autoregressive.models.generate import generate
 from tokenizer.models import FactorizedTokenizer
 from utils.images import to_uint8
@@ -36,7 +37,7 @@ def generation_bytes_per_row(cfg: FARConfig, dtype: torch.dtype) -> int:
     """Device memory one generated row needs: its trunk and factor-head KV caches, plus the activations of
     one position step (float32 logits and their sampling temporaries dominate; ~8 vocab-wide rows)."""
     elt = torch.finfo(dtype).bits // 8
-    kv = 2 * cfg.kv_heads * cfg.head_dim * elt * (cfg.n_layer * (cfg.cls_token_num + cfg.block_size)
+    kv = 2 * cfg.kv_heads * cfg.head_dim * elt * (cfg.n_layer * cache_length(cfg)
                                                   + cfg.ar_n_layer * cfg.num_factors)
     return kv + 8 * 4 * cfg.vocab_size + 16 * cfg.ffn_hidden_dim * elt
 
@@ -209,12 +210,14 @@ def sample_images(far: FAR, decoder: ImageDecoder, labels: np.ndarray, rows: np.
     each decoded uint8 batch on the device; then ``write`` gets ``(labels, features(images))`` instead of labels,
     so what it returns is stored with the images (and its device work overlaps the next batch)."""
     device = far.aggregation_layer.weight.device
+    if len(rows):  # the labels' values, once, on the host: generate() then skips its device-side look (a sync)
+        far.check_labels(torch.from_numpy(np.asarray(labels[rows])), allow_null=False)
     with AsyncWriter(write) as writer:
         for i in progress(range(0, len(rows), batch)):
             part = rows[i:i + batch]
             padded = np.concatenate([part, np.repeat(part[-1:], batch - len(part))])
-            y = torch.from_numpy(labels[padded]).to(device)
-            codes = generate(far, y, far.config.block_size, seed=seed, row_ids=torch.from_numpy(padded),
+            y, row_ids = (to_device(torch.from_numpy(a), device) for a in (labels[padded], padded))
+            codes = generate(far, y, far.config.block_size, seed=seed, row_ids=row_ids, check_label_values=False,
                              **generate_kw)
             images = decoder(codes)[:len(part)]
             payload = labels[part]
@@ -222,3 +225,11 @@ def sample_images(far: FAR, decoder: ImageDecoder, labels: np.ndarray, rows: np.
                 with torch.cuda.stream(decoder.stream) if decoder.stream is not None else nullcontext():
                     payload = (payload, features(images))
             writer.put(part, images, payload, stream=decoder.stream)
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without stalling the host: on CUDA through pinned memory, copied
+    asynchronously (the caching host allocator keeps the pinned block until the copy has run)."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)

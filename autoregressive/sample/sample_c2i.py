@@ -17,8 +17,9 @@ guidance scale in one process: the scale is data to the compiled step, so compil
 Image i is sampled from the random stream (``--global-seed``, i) whatever the batch it falls in, so the
 samples do not depend on the number of processes or the batch size. On a GPU, generation is compiled with
 CUDA graphs by default (``--no-compile`` to opt out), the batch size follows the free memory unless given,
-decoding runs at its own batch in bf16, and a writer thread stores finished batches while the GPU goes on
-(see ``pipeline.py``).
+decoding runs at its own batch in bf16 on a second CUDA stream (``--no-decode-stream`` to opt out), and a
+writer thread stores finished batches while the GPU goes on (see ``pipeline.py``). ``--attention`` picks the
+decode attention kernel (``sdpa``, ``reductions``, ``flex``, ``triton``).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from autoregressive.models import FAR_models, describe_far, load_far
+from autoregressive.models.decode_attention import ATTENTION_KERNELS
 from autoregressive.sample.pipeline import ImageDecoder, auto_batch_size, sample_images
 from evaluations.inprocess import POOL, SPATIAL, InProcessFID, add_fid_arguments, write_result
 from evaluations.errors import EvaluatorInputError
@@ -92,8 +94,12 @@ def get_parser(num_factors: int) -> argparse.ArgumentParser:
                    help="decode in NHWC memory layout (default: on with a GPU)")
     p.add_argument("--compile-decoder", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the decoder (default: as --compile)")
-    p.add_argument("--decode-stream", action=argparse.BooleanOptionalAction, default=False,
-                   help="decode on a second CUDA stream, overlapping the next batch's generation")
+    p.add_argument("--decode-stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode on a second CUDA stream, overlapping the next batch's generation (default: on "
+                        "with a GPU)")
+    p.add_argument("--attention", default="sdpa", choices=ATTENTION_KERNELS,
+                   help="how each position's single query attends to the KV cache (see "
+                        "autoregressive/models/decode_attention.py; a speed choice, like --compile)")
     p.add_argument("--num-fid-samples", type=positive_int, default=50000)
     p.add_argument("--global-seed", type=int, default=0)
     p.add_argument("--top-k", type=nonnegative_int, nargs="+", default=[0], help="one value or one per factor (0: off)")
@@ -145,6 +151,7 @@ def main(argv=None, num_factors: int = 2):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # the decoder's convolutions: one shape, tuned once
     dtype = torch_dtype(args.precision) if device.type == "cuda" else torch.float32
     grid = args.image_size // args.downsample_size
     try:
@@ -196,7 +203,7 @@ def main(argv=None, num_factors: int = 2):
     decoder = ImageDecoder(tokenizer, grid, size, decode_batch, decode_dtype,
                            channels_last=cuda if args.channels_last is None else args.channels_last,
                            compile=compile if args.compile_decoder is None else args.compile_decoder,
-                           stream=torch.cuda.Stream(device) if cuda and args.decode_stream else None)
+                           stream=torch.cuda.Stream(device) if cuda and args.decode_stream is not False else None)
     outs, rows = [], []
     for scales in sweep:  # one model, decoder and compiled step for every scale: the scale is data
         args.cfg_scale = scales
@@ -235,7 +242,7 @@ def _sample_one(args, info, far, tokenizer, decoder, fid: InProcessFID | None, l
     # What the images depend on: a killed run rerun with the same command continues where each rank stopped.
     fingerprint = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())
                    if k not in ("per_proc_batch_size", "decode_batch_size", "grid_samples", "compile",
-                                "compile_decoder", "channels_last", "decode_stream", "decode_precision",
+                                "attention", "compile_decoder", "channels_last", "decode_stream", "decode_precision",
                                 "cfg_scales", "fid_ref", "inception_graph", "fid_batch_size", "save_npz")}
     fingerprint["world_size"] = info.world_size
     # keyed by the checkpoints' content: one replaced at the same path starts afresh (a moved one resumes)
@@ -261,7 +268,7 @@ def _sample_one(args, info, far, tokenizer, decoder, fid: InProcessFID | None, l
     todo = mine[writer.done:]
     kw = dict(cfg_scale=_one_or_list(args.cfg_scale), cfg_interval=args.cfg_interval,
               temperature=_one_or_list(args.temperature), top_k=_one_or_list(args.top_k),
-              top_p=_one_or_list(args.top_p), compile=compile)
+              top_p=_one_or_list(args.top_p), compile=compile, attention=args.attention)
     grid_images = []
 
     def write(rows, images, payload):  # runs in the writer thread
