@@ -16,6 +16,7 @@ The kernels (``ATTENTION_KERNELS``, chosen with ``generate(..., attention=NAME)`
 * ``"sdpa"``: ``F.scaled_dot_product_attention`` with a boolean mask over the whole cache. Reads all L
   entries at every position (the cost of the last position, always); on a GPU a mask rules out the flash
   kernel, so the memory-efficient one runs. The default until the others have been measured on a GPU.
+  (Eager generation slices the cache to its filled entries first and passes no length: no mask, no waste.)
 * ``"reductions"``: two plain reductions (scores over d, then the weighted sum over L) with the mask; compiled
   by inductor they read K once and V once, without the fused kernels' 64-128-query tiles. Also whole-cache.
 * ``"flex"``: ``torch.nn.attention.flex_attention`` with a block mask built inside the (compiled) function from

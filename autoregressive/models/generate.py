@@ -169,18 +169,19 @@ def decode_position(model: FAR, h: torch.Tensor, plan: SamplingPlan, keys: torch
 
 
 def next_position(model: FAR, prev: torch.Tensor, cond: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor,
-                  plan: SamplingPlan, scales: torch.Tensor) -> torch.Tensor:
+                  plan: SamplingPlan, scales: torch.Tensor, kv_len: Optional[int] = None) -> torch.Tensor:
     """One position step; (B, F) codes of grid position ``pos`` (C = 1 class token).
 
     ``pos``: an int64 tensor of one element, the sequence position this step writes. At ``pos == 0`` the
     trunk's input is the class embedding of ``cond`` (rows), else the embedding of ``prev`` (rows, F), the codes
     of the position before; both are computed and one is picked on the device, so the first position runs the
     same graph as the others. The queries attend to ``pos + 1`` cache entries (a length tensor). Every shape is
-    static: compiled, one graph serves every position."""
+    static: compiled, one graph serves every position. Eager generation passes that length as ``kv_len`` (an
+    int, ``pos + 1``) instead: the cache is sliced to the filled entries, so nothing past them is read."""
     C = model.config.cls_token_num
     first = (pos < C).view(1, 1, 1)
     x = torch.where(first, model.cls_embedding(cond)[:, None], model.embed_position(prev))
-    h = model.trunk_step(x, pos, pos + 1, plan.attention)
+    h = model.trunk_step(x, pos, pos + 1 if kv_len is None else kv_len, plan.attention)
     return decode_position(model, h, plan, keys, pos - (C - 1), scales)
 
 
@@ -405,7 +406,8 @@ def generate(model: FAR, labels: Union[torch.Tensor, Sequence[int]], num_positio
         pos = torch.zeros(1, dtype=torch.long, device=device)  # data: one graph for every position
         with _recompile_limit(64, compile), _decode_attention():
             for t in range(T):
-                codes = step(model, prev, cond, pos, keys, plans[t], scale_data)
+                # eager: the exact length as an int (the cache sliced); compiled: the length tensor pos + 1
+                codes = step(model, prev, cond, pos, keys, plans[t], scale_data, None if compile else t + 1)
                 out[:, t] = codes
                 prev = codes.repeat(2, 1) if doubled else codes
                 pos += 1
