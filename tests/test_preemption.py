@@ -179,7 +179,9 @@ def test_killed_sampling_resumes_without_regenerating_finished_images(setup, tmp
     with pytest.raises(RuntimeError):
         sample(args + ["--name", "run"], 2)
     monkeypatch.setattr(npz.ShardedNpzWriter, "mark_done", real_mark)
-    part = np.load(tmp_path / "run.npz.parts" / "arr_0.npy", mmap_mode="r+")
+    layout = npz.NpzLayout({"arr_0": ((6, 32, 32, 3), np.uint8), "arr_1": ((6,), np.int64)})  # the npz, in place
+    part = np.memmap(tmp_path / "run.npz.parts" / "npz.partial", np.uint8, "r+",
+                     offset=layout.members["arr_0"].array_offset, shape=(6, 32, 32, 3))
     part[0] = 7  # mark a finished image: a resumed run must not generate it again
     part.flush()
     del part

@@ -134,7 +134,8 @@ def main(argv=None, num_factors: int = 2) -> dict:
         except EvaluatorInputError as e:
             sys.exit(f"error: {e}")
         log(f"--fid-ref: {fid.describe()}")
-    writer = ShardedNpzWriter(out, {"arr_0": ((n, size, size, 3), np.uint8), **(fid.arrays(n) if fid else {})})
+    writer = ShardedNpzWriter(out, {"arr_0": ((n, size, size, 3), np.uint8), **(fid.arrays(n) if fid else {})},
+                              members=["arr_0"])
     png_dir = Path(args.sample_dir) / args.folder_name
     if args.save_png:
         png_dir.mkdir(parents=True, exist_ok=True)
@@ -171,7 +172,7 @@ def main(argv=None, num_factors: int = 2) -> dict:
                 Image.fromarray(img).save(png_dir / f"{i:06d}.png")
     if fid is not None:  # every rank's features, on rank 0 (before close removes the parts)
         pool, spatial = writer.gather(POOL), writer.gather(SPATIAL)
-    writer.close(["arr_0"])
+    writer.close()
 
     all_reduce_sum(sums)
     all_reduce_sum(hist)

@@ -260,7 +260,7 @@ def _sample_one(args, info, far, tokenizer, decoder, fid: InProcessFID | None, l
         arrays.update(fid.arrays(n))
         fingerprint["inception_graph_sha256"] = fid.graph_sha
     try:
-        writer = ShardedNpzWriter(out, arrays, fingerprint)
+        writer = ShardedNpzWriter(out, arrays, fingerprint, members=["arr_0", "arr_1"] if args.save_npz else [])
     except NoSpace as e:
         sys.exit(f"error: {e}")
     if writer.done:
@@ -298,7 +298,7 @@ def _sample_one(args, info, far, tokenizer, decoder, fid: InProcessFID | None, l
                          cfg_scale=_one_or_list(args.cfg_scale), num_samples=n, reference=args.fid_ref,
                          gpt_ckpt=args.gpt_ckpt, vq_ckpt=args.vq_ckpt, inception=fid.net.describe())
     try:
-        saved = writer.close(["arr_0", "arr_1"] if args.save_npz else [])
+        saved = writer.close()
     except NoSpace as e:
         sys.exit(f"error: {e}")
     if lock is not None:
