@@ -169,7 +169,6 @@ class TrainConfig(RunConfig):
     epochs: int = 40
     global_batch_size: int = 128
     num_workers: int = 16
-    mixed_precision: str = "bf16"
     with_clip_supervision: bool = False
     with_disentanglement: bool = False
     semantic_weight: float = 0.5

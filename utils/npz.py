@@ -10,6 +10,7 @@ original PNG-folder approach, ranks on several nodes need a shared file system f
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import shutil
@@ -105,8 +106,6 @@ class NpzLayout:
 
 def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
     """The ``.npy`` header ``np.save`` would write (format 1.0, padded so the array starts 64-byte aligned)."""
-    import io
-
     buf = io.BytesIO()
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
     np.lib.format.write_array_header_1_0(buf, header)

@@ -33,12 +33,8 @@ import torch.nn.functional as F
 
 from utils.factors import factor_count, factor_names
 
-from . import decode_attention as _decode
 from .decode_attention import KV_BLOCK, decode_attention
 
-# the decode kernels' names and the reduction kernel, where they lived before decode_attention.py
-ATTENTION_KERNELS = _decode.ATTENTION_KERNELS
-single_query_attention = _decode.single_query_attention
 
 def find_multiple(n: int, k: int) -> int:
     return n if n % k == 0 else n + k - n % k

@@ -185,15 +185,6 @@ def next_position(model: FAR, prev: torch.Tensor, cond: torch.Tensor, pos: torch
     return decode_position(model, h, plan, keys, pos - (C - 1), scales)
 
 
-def first_position(model: FAR, cond: torch.Tensor, keys: torch.Tensor, plan: SamplingPlan,
-                   scales: torch.Tensor) -> torch.Tensor:
-    """Prefill the class token and sample grid position 0; (B, F) (``next_position`` at ``pos = 0``)."""
-    Fn = model.config.num_factors
-    prev = torch.zeros(cond.shape[0], Fn, dtype=torch.long, device=cond.device)
-    pos = torch.zeros(1, dtype=torch.long, device=cond.device)
-    return next_position(model, prev, cond, pos, keys, plan, scales)
-
-
 _compiled: dict = {}
 
 

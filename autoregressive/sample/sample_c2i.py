@@ -42,7 +42,8 @@ from utils.argtypes import finite_float, nonnegative_int, positive_float, positi
 from utils.checkpoint import CheckpointError, add_unsafe_load_argument, weight_preference
 from utils.data import rank_shard
 from utils.distributed import all_gather_objects, cleanup, init_distributed
-from utils.flags import add_compat_flags, add_precision_argument, alias, ignored, parse_flags, torch_dtype
+from utils.flags import (add_compat_flags, add_compile_argument, add_precision_argument, alias, ignored, parse_flags,
+                         torch_dtype)
 from utils.images import save_grid
 from utils.npz import ShardedNpzWriter
 from utils.runfiles import FolderInUse, FolderLock, NoSpace, checkpoint_digest
@@ -65,8 +66,7 @@ def get_parser(num_factors: int) -> argparse.ArgumentParser:
     p.add_argument("--ema", action="store_true", help="sample with the generator's EMA weights (default: 'model', "
                                                       "as the original sampler)")
     add_precision_argument(p, "--precision", "bf16", "generator dtype on GPU (CPU runs fp32)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the position step and capture CUDA graphs (default: on with a GPU)")
+    add_compile_argument(p, None, "torch.compile the position step and capture CUDA graphs (default: on with a GPU)")
     p.add_argument("--vq-model", type=str, choices=["VQ-16", "VQ-8"], default=None, help="checked against the ckpt")
     p.add_argument("--vq-ckpt", type=str, required=True)
     p.add_argument("--vq-ema", action="store_true", help="decode with the tokenizer's EMA weights (default: 'model', "
@@ -92,8 +92,7 @@ def get_parser(num_factors: int) -> argparse.ArgumentParser:
                                                             "decodes in fp32)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="decode in NHWC memory layout (default: on with a GPU)")
-    p.add_argument("--compile-decoder", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the decoder (default: as --compile)")
+    add_compile_argument(p, None, "torch.compile the decoder (default: as --compile)", "--compile-decoder")
     p.add_argument("--decode-stream", action=argparse.BooleanOptionalAction, default=None,
                    help="decode on a second CUDA stream, overlapping the next batch's generation (default: on "
                         "with a GPU)")

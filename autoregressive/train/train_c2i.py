@@ -107,13 +107,11 @@ class TrainConfig(RunConfig):
     token_dropout_p: float = 0.1
     drop_path_rate: float = 0.0
     compile: bool = True
-    results_dir: str = "results"
     image_size: int = 256
     downsample_size: int = 16
     num_classes: int = 1000
     epochs: int = 300
     weight_decay: float = 5e-2
-    global_batch_size: int = 256
     num_workers: int = 4
     fsdp: bool = False
 
