@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from benchmarks.standin import write_standin_graph
+from benchmarks.timing import peak_memory_gb
 from evaluations.inception import InceptionBackend, InceptionGraphMissing, find_inception_graph
 from evaluations.inception_torch import TorchBackendConfig, TorchInception
 
@@ -66,7 +67,7 @@ def run_torch(args, graph: Path, cache: Path, batch: np.ndarray, channels_last: 
               "precision": "float32, TF32 off" if device.type == "cuda" else "float32",
               "channels_last": channels_last, **_time_backend(net, batch, args.images)}
     if device.type == "cuda":
-        result["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
+        result["peak_memory_gb"] = round(peak_memory_gb(device), 2)
         if not args.no_cpu_check:
             result.update(_cpu_difference(net, graph, cache, batch))
     return result

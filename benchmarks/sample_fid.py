@@ -43,7 +43,7 @@ from autoregressive.models.decode_attention import ATTENTION_KERNELS
 from autoregressive.models.generate import (SamplingPlan, _runners, compiled_next_position, next_position,
                                             row_keys)
 from autoregressive.sample.pipeline import ImageDecoder, auto_batch_size, sample_images
-from benchmarks.timing import sync
+from benchmarks.timing import peak_memory_gb, sync
 from tokenizer.models import FactorConfig, FactorizedTokenizer, tokenizer_config
 from utils.factors import PRESET_FACTORS, factor_count, preset_name
 from utils.flags import add_compile_argument, add_precision_argument, torch_dtype
@@ -326,7 +326,7 @@ def main(argv=None) -> dict:
             decoder.stream = None
         run_s, close_s = timed_run(far, decoder, labels, batch, n, args, s, Path(tmp) / "samples.npz", kw)
         note(f"pipeline: {n} images in {run_s:.1f} s, {n / run_s:.1f} images/s")
-        peak_gb = torch.cuda.max_memory_allocated(s.device) / 2 ** 30 if s.cuda else None
+        peak_gb = peak_memory_gb(s.device) if s.cuda else None
         extra = {}
         if s.cuda and args.decode_stream == "both":
             decoder.stream = torch.cuda.Stream(s.device)
