@@ -30,7 +30,7 @@ from tokenizer.factor_metrics import codebook_stats, separability, tsne
 from tokenizer.models import describe_tokenizer, load_tokenizer, swap_factor
 from tokenizer.reconstruct_image import psnr
 from utils.checkpoint import CheckpointError, add_unsafe_load_argument
-from utils.data import ImageFolderSafe, eval_batches, eval_transform, rank_shard
+from utils.data import eval_batches, eval_transform, image_dataset, rank_shard
 from utils.distributed import all_gather_objects, all_reduce_sum, cleanup, init_distributed
 
 MAX_LEGEND = 20  # classes named in the t-SNE legend; beyond that the colours alone tell them apart
@@ -39,7 +39,8 @@ MAX_LEGEND = 20  # classes named in the t-SNE legend; beyond that the colours al
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vq-ckpt", required=True, help="tokenizer checkpoint: a file or hf://owner/repo/file")
-    p.add_argument("--data-path", required=True, help="an ImageFolder: one sub-folder of images per class")
+    p.add_argument("--data-path", required=True,
+                   help="an ImageFolder (one sub-folder of images per class) or tar shards (docs/data.md)")
     p.add_argument("--out", required=True, help="folder for report.json, tsne.png and reconstructions.png")
     p.add_argument("--num-images", type=int, default=0,
                    help="use N images spread evenly over the set, so every class keeps its share (0: all)")
@@ -188,7 +189,7 @@ def main(argv=None) -> dict:
     info = init_distributed()
     try:
         model = load_tokenizer(args.vq_ckpt, map_location="cpu")
-        dataset = ImageFolderSafe(args.data_path, eval_transform(args.image_size), args.image_size)
+        dataset = image_dataset(args.data_path, eval_transform(args.image_size), args.image_size)
     except (CheckpointError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     model = model.to(info.device).eval()

@@ -38,7 +38,7 @@ from evaluations.errors import EvaluatorInputError
 from tokenizer.factor_metrics import codebook_stats
 from tokenizer.models import check_tokenizer_flags, describe_tokenizer, load_tokenizer
 from utils.checkpoint import CheckpointError, add_unsafe_load_argument
-from utils.data import ImageFolderSafe, eval_batches, eval_transform, rank_shard
+from utils.data import eval_batches, eval_transform, image_dataset, rank_shard
 from utils.distributed import all_reduce_sum, cleanup, init_distributed
 from utils.factors import preset_name
 from utils.flags import add_compat_flags, ignored, parse_flags
@@ -48,7 +48,7 @@ from utils.npz import ShardedNpzWriter
 
 # The original evaluation scripts' flags that do nothing here: the checkpoint decides the model (heads included).
 COMPAT = (
-    ignored("--dataset", type=str, default="imagenet", help="--data-path is read as an ImageFolder"),
+    ignored("--dataset", type=str, default="imagenet", help="--data-path is read as an ImageFolder or tar shards"),
     ignored("--with_clip_supervision", action="store_true", help="the checkpoint decides whether heads exist"),
     ignored("--with_disentanglement", action="store_true", help="a training flag"),
     ignored("--disentanglement-ratio", type=float, default=0.1, help="a training flag"),
@@ -116,7 +116,7 @@ def main(argv=None, num_factors: int = 2) -> dict:
     try:
         model = load_tokenizer(args.vq_ckpt, expect_factors=num_factors)
         check_tokenizer_flags(args, model)
-        dataset = ImageFolderSafe(args.data_path, eval_transform(args.image_size), args.image_size)
+        dataset = image_dataset(args.data_path, eval_transform(args.image_size), args.image_size)
     except (CheckpointError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     model = model.to(info.device)

@@ -30,7 +30,7 @@ from tokenizer.teachers import (TeacherUnavailableError, Teachers, add_teacher_a
                                 teacher_overrides_from_args)
 from utils.argtypes import finite_float, nonnegative_float, nonnegative_int, positive_float, positive_int, unit_float
 from utils.checkpoint import extract_weights
-from utils.data import ImageFolderSafe, ResumableSampler, collate_train, train_transform
+from utils.data import ResumableSampler, SafeImageDataset, collate_train, image_dataset, train_transform
 from utils.distributed import is_distributed
 from utils.ema import new_ema, update_ema
 from utils.flags import (add_compat_flags, add_compile_argument, add_precision_argument, alias, from_flags, ignored,
@@ -59,7 +59,7 @@ COMPAT = (
     alias("--with_disentanglement", dest="with_disentanglement", action="store_true", help="= --disentanglement"),
     ignored("--data-face-path", type=str, default=None),
     ignored("--cloud-save-path", type=str, default=None, help="checkpoints are written to --results-dir"),
-    ignored("--dataset", type=str, default="imagenet", help="--data-path is an ImageFolder"),
+    ignored("--dataset", type=str, default="imagenet", help="--data-path is an ImageFolder or tar shards"),
     ignored("--weight-decay", type=float, default=5e-2, help="Adam without decay, as the original trains"),
 )
 
@@ -67,7 +67,8 @@ COMPAT = (
 def get_parser(preset: str) -> argparse.ArgumentParser:
     """The original training scripts' flags with their defaults, plus this project's additions."""
     p = argparse.ArgumentParser(description=f"Train an FQGAN-{preset} tokenizer.")
-    p.add_argument("--data-path", type=str, required=True, help="ImageFolder root of the training images")
+    p.add_argument("--data-path", type=str, required=True,
+                   help="ImageFolder root of the training images, or tar shards (docs/data.md)")
     p.add_argument("--no-local-save", action="store_true", help="do not write checkpoints (debugging)")
     p.add_argument("--vq-model", type=str, choices=["VQ-16", "VQ-8"], default="VQ-16")
     p.add_argument("--vq-ckpt", type=str, default=None, help="checkpoint to resume from (or to --finetune)")
@@ -267,7 +268,7 @@ class Trainer:
     optimizer_disc: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     scaler_disc: torch.amp.GradScaler
-    dataset: ImageFolderSafe
+    dataset: SafeImageDataset
     sampler: ResumableSampler
     total_steps: int
     start: Position
@@ -307,8 +308,8 @@ def build(cfg: TrainConfig, preset: str) -> Trainer:
         raise FileNotFoundError(f"{e} (or pass --perceptual-weight 0 to train without LPIPS)") from None
     lc = loss_fn.config
     disc = build_discriminator(lc.disc_type, lc.disc_in_channels, lc.disc_dim, lc.disc_num_layers, lc.image_size)
-    dataset = ImageFolderSafe(cfg.data_path, train_transform(cfg.image_size), cfg.image_size,
-                              seed=cfg.global_seed, fallback=True)
+    dataset = image_dataset(cfg.data_path, train_transform(cfg.image_size), cfg.image_size,
+                            seed=cfg.global_seed, fallback=True)
     sampler = ResumableSampler(len(dataset), run.micro_batch * run.accum, run.info.rank, world, cfg.global_seed)
     total_steps = cfg.total_steps(sampler.batches_per_epoch)
     describe_setup(cfg, log, config, model, teachers, disc, dataset, sampler, total_steps, device)
@@ -364,7 +365,7 @@ def model_and_teachers(cfg: TrainConfig, preset: str, base_image_size: int,
 
 
 def describe_setup(cfg: TrainConfig, log, config: TokenizerConfig, model: nn.Module, teachers: Optional[Teachers],
-                   disc: nn.Module, dataset: ImageFolderSafe, sampler: ResumableSampler, total_steps: int,
+                   disc: nn.Module, dataset: SafeImageDataset, sampler: ResumableSampler, total_steps: int,
                    device: torch.device) -> None:
     log.info(f"Tokenizer: {describe_tokenizer(config)}; {sum(p.numel() for p in model.parameters()):,} parameters")
     if config.disentanglement_ratio:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils.data import ImageFolderSafe, eval_batches, eval_transform, rank_shard
+from utils.data import eval_batches, eval_transform, image_dataset, rank_shard
 from utils.distributed import cleanup, init_distributed
 from utils.flags import add_compat_flags, ignored, parse_flags
 from utils.images import to_uint8
@@ -31,7 +31,8 @@ COMPAT = (ignored("--global-seed", type=int, default=0, help="nothing is random"
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-path", type=str, required=True, help="ImageFolder root (or a flat folder for coco)")
+    p.add_argument("--data-path", type=str, required=True,
+                   help="ImageFolder root (or a flat folder for coco), or tar shards (docs/data.md)")
     p.add_argument("--dataset", type=str, default="imagenet", help="names the output: <sample-dir>/val_<dataset>.npz")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--sample-dir", type=str, default="reconstructions")
@@ -47,7 +48,7 @@ def main(argv=None) -> Path:
     args = parse_flags(get_parser(), COMPAT, argv)
     info = init_distributed()
     try:
-        dataset = ImageFolderSafe(args.data_path, eval_transform(args.image_size), args.image_size)
+        dataset = image_dataset(args.data_path, eval_transform(args.image_size), args.image_size)
     except FileNotFoundError as e:
         sys.exit(f"error: {e}")
     n = min(len(dataset), args.num_images) if args.num_images else len(dataset)

@@ -62,3 +62,13 @@ def unit_float(text: str) -> float:
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"{value} must be in [0, 1]")
     return value
+
+
+def byte_size(text: str) -> int:
+    """A positive number of bytes, with an optional K, M, G or T suffix (powers of 1024): ``500M``, ``1G``."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    scale = units.get(text[-1:].upper(), 1)
+    value = _number(float, text[:-1] if scale > 1 else text)
+    if value * scale < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1 byte")
+    return int(value * scale)

@@ -341,7 +341,7 @@ class LoadedFrom:
 # ------------------------------------------------------------------------------------------------------------
 # Writing
 # ------------------------------------------------------------------------------------------------------------
-def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], size: int) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], size: int) -> Path:
     """Write through ``write`` to a temporary file beside ``path``, then rename it over ``path``. ``size`` bytes
     (an estimate) are reserved first, so a full disk is one line before anything is written; the file gets the
     permissions ``open`` would give it (the umask), not mkstemp's 0600."""
@@ -389,7 +389,7 @@ def saved_size(obj: Any) -> int:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    return _atomic_write(path, lambda f: torch.save(obj, f), saved_size(obj))
+    return atomic_write(path, lambda f: torch.save(obj, f), saved_size(obj))
 
 
 def save_weights_file(path: str | os.PathLike, weights: Mapping[str, torch.Tensor],
@@ -402,7 +402,7 @@ def save_weights_file(path: str | os.PathLike, weights: Mapping[str, torch.Tenso
     if config is not None:
         meta["config"] = json.dumps(config)
     data = save({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, metadata=meta)
-    return _atomic_write(path, lambda f: f.write(data), len(data))
+    return atomic_write(path, lambda f: f.write(data), len(data))
 
 
 def write_checkpoint(ckpt: Mapping[str, Any], path: str | os.PathLike, save_format: Optional[str] = None,

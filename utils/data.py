@@ -1,4 +1,5 @@
-"""Image data: the ADM crops every tokenizer paper uses, and an ImageFolder that survives bad files."""
+"""Image data: the ADM crops every tokenizer paper uses, and data sets (an ImageFolder, or tar shards through
+``utils.shards``) that survive bad files."""
 from __future__ import annotations
 
 import math
@@ -121,22 +122,34 @@ def find_images(root: str | os.PathLike) -> tuple[list[tuple[str, int]], list[st
     return samples, classes
 
 
-class ImageFolderSafe(Dataset):
-    """An ImageFolder whose items are ``(image tensor, label, index, unreadable)``.
+def sample_key(relpath: str) -> str:
+    """An image's key, in the WebDataset sense, from its path under the data root: the path without its
+    extension, dots in the file name made underscores (a WebDataset key ends at the name's first dot, so
+    ``cat/a.b.png`` would otherwise split into key ``cat/a`` and extension ``b.png``)."""
+    folder, _, name = relpath.replace(os.sep, "/").rpartition("/")
+    stem = name.rsplit(".", 1)[0].replace(".", "_")
+    return f"{folder}/{stem}" if folder else stem
 
-    A file that cannot be decoded never raises inside a worker. With ``fallback`` (training) the next readable
-    image of the folder takes its place, so every batch keeps its size and every rank the same number of
-    steps, and ``unreadable`` counts the files skipped for this item. Without it (evaluation, where each image
-    must be covered) the item comes back as a zero image with ``unreadable = 1`` and the caller names the
-    file (``dataset.samples[index][0]``) and stops.
+
+class SafeImageDataset(Dataset):
+    """Images whose items are ``(image tensor, label, index, unreadable)``, whatever holds them (a folder,
+    ``ImageFolderSafe``; tar shards, ``utils.shards.ShardDataset``). Subclasses say how to read image ``i``
+    (``read``), its label (``label``), its name in messages (``where``) and its key (``key``).
+
+    An image that cannot be decoded never raises inside a worker. With ``fallback`` (training) the next readable
+    image takes its place, so every batch keeps its size and every rank the same number of steps, and
+    ``unreadable`` counts the images skipped for this item. Without it (evaluation, where each image must be
+    covered) the item comes back as a zero image with ``unreadable = 1`` and the caller names the image
+    (``dataset.where(index)``) and stops.
 
     ``transform(pil, rng)`` receives a ``random.Random`` seeded from (seed, epoch, index), so augmentations are
     reproducible whatever the number of workers, which is what makes an interrupted run resume exactly.
     """
 
-    def __init__(self, root: str | os.PathLike, transform: Callable[[Image.Image, random.Random], torch.Tensor],
-                 image_size: int, seed: int = 0, fallback: bool = False, max_fallbacks: int = 100):
-        self.samples, self.classes = find_images(root)
+    classes: list[str]
+
+    def __init__(self, transform: Callable[[Image.Image, random.Random], torch.Tensor], image_size: int,
+                 seed: int = 0, fallback: bool = False, max_fallbacks: int = 100):
         self.transform = transform
         self.image_size = image_size
         self.seed = seed
@@ -144,31 +157,82 @@ class ImageFolderSafe(Dataset):
         self.max_fallbacks = max_fallbacks
         self.epoch = 0
 
+    def read(self, index: int) -> Image.Image:
+        """Image ``index`` as its true 8-bit RGB (raises if it cannot be read)."""
+        raise NotImplementedError
+
+    def label(self, index: int) -> int:
+        raise NotImplementedError
+
+    def where(self, index: int) -> str:
+        """Image ``index`` named for a message: its file, or its shard and member."""
+        raise NotImplementedError
+
+    def key(self, index: int) -> str:
+        """Image ``index``'s key (``sample_key``): the same for an image in its folder and in the shards the
+        converter made of it."""
+        raise NotImplementedError
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
     def _load(self, index: int):
-        path, label = self.samples[index]
         rng = random.Random(hash((self.seed, self.epoch, index)) & 0xFFFFFFFF)
-        return self.transform(open_rgb(path), rng), label
+        return self.transform(self.read(index), rng), self.label(index)
 
     def __getitem__(self, index: int):
         tries = self.max_fallbacks if self.fallback else 1
         for bad in range(tries):
-            i = (index + bad) % len(self.samples)
+            i = (index + bad) % len(self)
             try:
                 x, label = self._load(i)
                 return x, label, i, bad
             except Exception:
                 continue
         if self.fallback:
-            raise RuntimeError(f"{self.max_fallbacks} unreadable images in a row from {self.samples[index][0]}")
+            raise RuntimeError(f"{self.max_fallbacks} unreadable images in a row from {self.where(index)}")
         # A black stand-in, through the same transform so it stacks with the batch (views included).
         blank = Image.new("RGB", (self.image_size, self.image_size))
-        return self.transform(blank, random.Random(0)), self.samples[index][1], index, 1
+        return self.transform(blank, random.Random(0)), self.label(index), index, 1
+
+
+class ImageFolderSafe(SafeImageDataset):
+    """An ImageFolder (``find_images``) as a SafeImageDataset; ``samples`` holds (path, class index)."""
+
+    def __init__(self, root: str | os.PathLike, transform: Callable[[Image.Image, random.Random], torch.Tensor],
+                 image_size: int, seed: int = 0, fallback: bool = False, max_fallbacks: int = 100):
+        super().__init__(transform, image_size, seed, fallback, max_fallbacks)
+        self.root = Path(root)
+        self.samples, self.classes = find_images(root)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def read(self, index: int) -> Image.Image:
+        return open_rgb(self.samples[index][0])
+
+    def label(self, index: int) -> int:
+        return self.samples[index][1]
+
+    def where(self, index: int) -> str:
+        return str(self.samples[index][0])
+
+    def key(self, index: int) -> str:
+        return sample_key(os.path.relpath(self.samples[index][0], self.root))
+
+
+def image_dataset(path: str | os.PathLike, transform: Callable[[Image.Image, random.Random], torch.Tensor],
+                  image_size: int, seed: int = 0, fallback: bool = False) -> SafeImageDataset:
+    """What ``--data-path`` names, as a SafeImageDataset: WebDataset tar shards (a brace pattern such as
+    ``train-{000000..000127}.tar``, one ``.tar``, a folder of ``.tar`` files, or a text file listing shards;
+    ``utils.shards``) or else an ImageFolder. Both list their images in one fixed order, so samplers, resumes
+    and reference batches behave the same on either."""
+    from utils.shards import ShardDataset, shard_paths
+
+    shards = shard_paths(path)
+    if shards is None:
+        return ImageFolderSafe(path, transform, image_size, seed=seed, fallback=fallback)
+    return ShardDataset(shards, transform, image_size, seed=seed, fallback=fallback)
 
 
 def collate_train(batch):
@@ -203,7 +267,7 @@ def collate_eval(batch):
             torch.tensor([b[2] for b in batch]), torch.tensor([b[3] for b in batch], dtype=torch.bool))
 
 
-def eval_batches(dataset: "ImageFolderSafe", indices: np.ndarray, batch_size: int, num_workers: int,
+def eval_batches(dataset: SafeImageDataset, indices: np.ndarray, batch_size: int, num_workers: int,
                  allow_bad: bool = False):
     """Batches (images, labels, dataset indices, unreadable flags) over ``indices`` in order. Without
     ``allow_bad`` an unreadable file stops the run with a one-line error: evaluation must cover every image of
@@ -214,8 +278,8 @@ def eval_batches(dataset: "ImageFolderSafe", indices: np.ndarray, batch_size: in
                         num_workers=num_workers, collate_fn=collate_eval, pin_memory=torch.cuda.is_available())
     for x, y, idx, bad in loader:
         if bad.any() and not allow_bad:
-            path = dataset.samples[int(idx[bad][0])][0]
-            raise SystemExit(f"error: cannot read image {path} (evaluation needs every image)")
+            raise SystemExit(f"error: cannot read image {dataset.where(int(idx[bad][0]))} (evaluation needs every "
+                             f"image)")
         yield x, y, idx, bad
 
 

@@ -19,7 +19,7 @@ from autoregressive.data.code_store import CodeStoreWriter
 from tokenizer.models import check_tokenizer_flags, describe_tokenizer, load_tokenizer
 from utils.argtypes import nonnegative_int, positive_float, positive_int
 from utils.checkpoint import CheckpointError, add_unsafe_load_argument, weight_preference
-from utils.data import ImageFolderSafe, center_crop_arr, eval_batches, rank_shard, to_model_range
+from utils.data import center_crop_arr, eval_batches, image_dataset, rank_shard, to_model_range
 from utils.distributed import all_gather_objects, all_reduce_sum, cleanup, init_distributed
 from utils.flags import add_compat_flags, ignored, parse_flags
 from utils.runfiles import FolderInUse, FolderLock, NoSpace, checkpoint_digest
@@ -27,7 +27,7 @@ from utils.runfiles import FolderInUse, FolderLock, NoSpace, checkpoint_digest
 
 # The original extraction's flags that do nothing here.
 COMPAT = (
-    ignored("--dataset", type=str, default="imagenet", help="--data-path is read as an ImageFolder"),
+    ignored("--dataset", type=str, default="imagenet", help="--data-path is read as an ImageFolder or tar shards"),
     ignored("--debug", action="store_true"),
 )
 
@@ -80,8 +80,8 @@ def main(argv=None, num_factors: int = 2) -> None:
         # The original extraction reads the "model" weights (not "ema"); so do we, for identical codes.
         model = load_tokenizer(args.vq_ckpt, expect_factors=num_factors, prefer=weight_preference(args.ema))
         check_tokenizer_flags(args, model)
-        dataset = ImageFolderSafe(args.data_path, views_transform(args.image_size, args.ten_crop, args.crop_range),
-                                  args.image_size)
+        dataset = image_dataset(args.data_path, views_transform(args.image_size, args.ten_crop, args.crop_range),
+                                args.image_size)
         # One extraction per code store: rank 0 holds its lock until the process ends.
         lock = FolderLock(args.code_path, "code store") if info.is_main else None
         error = None
