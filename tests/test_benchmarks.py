@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,3 +56,16 @@ def test_training_benchmarks():
     assert far["benchmark"] == "train_far" and far["seconds_per_step"] > 0
     tok = bench("train_tokenizer.py", "--device", "cpu", "--batch-size", 1, "--image-size", 32, "--iters", 1)
     assert [r["step"] for r in tok] == ["model", "full"] and all(r["seconds_per_step"] > 0 for r in tok)
+
+
+def test_data_benchmark_toy():
+    """Folder against shards at a toy size, in this process (a subprocess would spend its time importing)."""
+    from benchmarks import data
+
+    before, threads = os.environ.get("XDG_CACHE_HOME"), torch.get_num_threads()
+    lines = data.main(["--num-images", "24", "--source-size", "40", "--image-size", "32", "--batch-size", "8",
+                       "--workers", "0,2"])
+    assert os.environ.get("XDG_CACHE_HOME") == before and torch.get_num_threads() == threads  # left as they were
+    assert [(r["source"], r["workers"]) for r in lines] == [("folder", 0), ("shards", 0), ("folder", 2), ("shards", 2)]
+    assert all(r["benchmark"] == "data" and r["images"] == 24 and r["images_per_s"] > 0 for r in lines)
+    assert lines[1]["shards"] == 1 and lines[1]["setup_s"] > 0 and lines[1]["setup_cached_s"] > 0

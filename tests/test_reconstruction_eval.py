@@ -39,8 +39,15 @@ def checkpoints(tmp_path_factory):
     return d
 
 
-def test_readme_commands_with_two_processes(photos, checkpoints, tmp_path):
-    r = torchrun("tokenizer/val_ddp.py", "--data-path", photos, "--image-size", 32, "--per-proc-batch-size", 2,
+def test_readme_commands_with_two_processes(photos, checkpoints, tmp_path, private_cache):
+    # The reference batch of tar shards of the photos (3, 3 and 1 images: the ranks' rows cross shards), then
+    # the dual reconstructions of the same shards and the triple ones of the folder: row i is image i in both.
+    from tokenizer import val_ddp
+    from utils.shards import convert
+
+    convert(photos, tmp_path / "shards", prefix="val", max_count=3, log=lambda *a: None)
+    sharded = tmp_path / "shards" / "val-{000000..000002}.tar"
+    r = torchrun("tokenizer/val_ddp.py", "--data-path", sharded, "--image-size", 32, "--per-proc-batch-size", 2,
                  "--num-workers", 0, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     ref = np.load(tmp_path / "reconstructions" / "val_imagenet.npz")["arr_0"]
@@ -48,10 +55,13 @@ def test_readme_commands_with_two_processes(photos, checkpoints, tmp_path):
     assert ref.shape == (7, 32, 32, 3) and ref.dtype == np.uint8
     for i, (path, _) in enumerate(samples):  # dataset order, each image once
         assert np.array_equal(ref[i], np.asarray(center_crop_arr(Image.open(path).convert("RGB"), 32)))
+    folder_ref = val_ddp.main(["--data-path", str(photos), "--image-size", "32", "--num-workers", "0",
+                               "--sample-dir", str(tmp_path / "of_folder")])
+    assert np.array_equal(np.load(folder_ref)["arr_0"], ref)  # the folder's reference batch, row for row
 
-    for name, script in [("dual", "tokenizer/reconstruction_vq_ddp_dual.py"),
-                         ("triple", "tokenizer/reconstruction_vq_ddp_triple.py")]:
-        r = torchrun(script, "--data-path", photos, "--image-size", 32, "--vq-ckpt", checkpoints / f"{name}.pt",
+    for name, script, data in [("dual", "tokenizer/reconstruction_vq_ddp_dual.py", sharded),
+                               ("triple", "tokenizer/reconstruction_vq_ddp_triple.py", photos)]:
+        r = torchrun(script, "--data-path", data, "--image-size", 32, "--vq-ckpt", checkpoints / f"{name}.pt",
                      "--codebook-size", 64, "--codebook-embed-dim", 4, "--per-proc-batch-size", 3,
                      "--with_clip_supervision", "--folder-name", f"T_{name}", "--num-workers", 0, cwd=tmp_path)
         assert r.returncode == 0, r.stderr

@@ -109,6 +109,21 @@ def test_max_size_bounds_every_shard(folder, tmp_path):
     assert len(image_dataset(tmp_path, eval_transform(16), 16)) == 240
 
 
+def test_keys_are_unique_and_split_where_webdataset_splits(tmp_path):
+    from utils.data import sample_key
+
+    for name in ("a.b.png", "a_b.png", "a_b.jpeg"):
+        (tmp_path / "in" / "x").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4), (len(name), 0, 0)).save(tmp_path / "in" / "x" / name, format="PNG")
+    assert sample_key("x/a.b.png") == "x/a_b" and sample_key("a.b.png") == "a_b"
+    shards.convert(tmp_path / "in", tmp_path / "out", log=lambda *a: None)
+    assert [n for n, _ in members(tmp_path / "out" / "in-000000.tar")] == [  # listing order: a.b, a_b.jpeg, a_b.png
+        "x/a_b.png", "x/a_b.cls", "x/a_b_1.jpg", "x/a_b_1.cls", "x/a_b_2.png", "x/a_b_2.cls"]
+    ds = image_dataset(tmp_path / "out", eval_transform(4), 4)
+    assert [ds.key(i) for i in range(3)] == ["x/a_b", "x/a_b_1", "x/a_b_2"]
+    assert [np.asarray(ds.read(i))[0, 0, 0] for i in range(3)] == [7, 8, 7]
+
+
 def test_every_form_of_data_path(sharded, tmp_path):
     assert shards.expand_braces("a-{08..10}-{x,y}.tar") == ["a-08-x.tar", "a-08-y.tar", "a-09-x.tar", "a-09-y.tar",
                                                             "a-10-x.tar", "a-10-y.tar"]

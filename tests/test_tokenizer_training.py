@@ -1,6 +1,7 @@
 """Tokenizer training end to end: 2-process torchrun on CPU, exact resume, bad files, missing weights."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +11,10 @@ import torch
 import transformers
 
 from demo.photos import build_photo_folder
-from helpers import TINY, free_port, torchrun
+from helpers import TINY, free_port, interrupt, torchrun, torchrun_cmd
 from tokenizer.models import load_tokenizer
 from utils.checkpoint import load_file
+from utils.shards import convert
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +33,7 @@ def tiny_clip(tmp_path_factory):
     return path
 
 
-def test_two_process_training_and_exact_resume(data, tiny_clip, tmp_path):
+def test_two_process_training_and_exact_resume_on_shards(data, tiny_clip, tmp_path, private_cache):
     common = ["tokenizer/vq_train_dual.py", "--data-path", data, *TINY, "--global-batch-size", "4",
               "--disc-start", "3", "--ckpt-every", "2", "--epochs", "2", "--ema", "--image-every", "2",
               "--with_clip_supervision", "--teacher-sem", tiny_clip, "--teacher-image-size", "32"]
@@ -52,15 +54,25 @@ def test_two_process_training_and_exact_resume(data, tiny_clip, tmp_path):
     assert "encoder.semantic_head.0.ln_pre.weight" in ckpt["model"] and "feat_pred_head.ln_post.bias" in ckpt["ema"]
     assert load_tokenizer(exp / "checkpoints" / "0000004.pt").config.factors[1].head_width == 32
 
-    # resume at step 2 (mid-epoch: 2 steps per epoch with batch 4 of 8 images -> step 2 ends epoch 0, so use
-    # the epoch boundary and a mid-epoch point both): the losses of steps 3-4 equal the uninterrupted run's
-    r = torchrun(*common, "--exp-name", "resumed", "--vq-ckpt", exp / "checkpoints" / "0000002.pt", cwd=tmp_path)
+    # The same data as tar shards (3 shards: a rank's batches cross them), stopped by SIGTERM through torchrun
+    # (a longer run: the signal must find it training) and continued by --auto-resume: the losses of every step
+    # equal the folder's uninterrupted run, before the stop and after it.
+    shards = tmp_path / "shards"
+    convert(data, shards, prefix="train", max_count=3, log=lambda *a: None)
+    sharded = [*common[:2], f"{shards}/train-{{000000..000002}}.tar", *common[3:], "--exp-name", "sharded"]
+    sharded_exp = tmp_path / "results_tokenizer_image" / "VQ-16-sharded"
+    code, out, err = interrupt(torchrun_cmd(*sharded, "--epochs", "40"), sharded_exp / "metrics.jsonl",
+                               signal.SIGTERM, tmp_path, after_steps=1)
+    stopped = metrics(sharded_exp)[-1]["step"]
+    assert f"Stopped by SIGTERM after step {stopped}; resume with:" in out and stopped < 4, err[-3000:]
+    r = torchrun(*sharded, "--auto-resume", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    resumed = metrics(tmp_path / "results_tokenizer_image" / "VQ-16-resumed")
-    assert [m["step"] for m in resumed] == [3, 4]
-    for a, b in zip(full[2:], resumed):
-        for k in ("loss", "rec_loss", "semantic_loss_sem", "disc_loss", "grad_norm"):
-            assert a[k] == b[k], (k, a[k], b[k])
+    assert "Dataset: 8 images in 2 classes" in (sharded_exp / "log.txt").read_text()
+    resumed = metrics(sharded_exp)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    for a, b in zip(full, resumed):
+        for k in ("loss", "rec_loss", "semantic_loss_sem", "disc_loss", "grad_norm"):  # disc_loss from step 3
+            assert a.get(k) == b.get(k), (a["step"], k, a.get(k), b.get(k))
 
 
 def test_discriminator_step_runs_its_ddp_module_once_per_micro_batch(data, tmp_path):

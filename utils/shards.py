@@ -90,10 +90,10 @@ def shard_paths(path: str | os.PathLike) -> Optional[list[Path]]:
         found = [Path(s) for s in expand_braces(text)]
     elif p.is_dir():
         return _visible_tars(p) or None
-    elif p.suffix == ".tar" or not p.exists():
-        if not p.exists() and p.suffix != ".tar":
-            return None  # the image folder's own "no such folder"
+    elif p.suffix == ".tar":
         found = [p]
+    elif not p.exists():
+        return None  # the image folder's own "no such folder" follows
     else:
         lines = [ln.strip() for ln in p.read_text(errors="replace").splitlines()]
         found = [p.parent / s for ln in lines if ln and not ln.startswith("#") for s in expand_braces(ln)]
@@ -383,7 +383,7 @@ def plan_shards(samples: list[tuple[str, int]], root: Path, max_count: int, max_
         ext = Path(path).suffix[1:].lower().replace("jpeg", "jpg")
         mtime = int(st.st_mtime)
         item = {"path": path, "rel": rel, "label": label, "image": f"{key}.{ext}", "cls": f"{key}.cls",
-                "size": st.st_size, "mtime": mtime}
+                "size": st.st_size, "mtime": mtime, "mtime_ns": st.st_mtime_ns}
         item["bytes"] = (_header_bytes(_member(item["image"], st.st_size, mtime)) + _padded(st.st_size)
                          + _header_bytes(_member(item["cls"], len(str(label)), mtime)) + BLOCK)
         if current and (len(current) == max_count or _tar_bytes(used + item["bytes"]) > max_size):
@@ -413,13 +413,11 @@ def _write_shard(path: Path, items: list[dict]) -> int:
     return size
 
 
-def _listing_digest(samples: list[tuple[str, int]], root: Path) -> str:
+def _listing_digest(plan: list[list[dict]]) -> str:
     """What the shards are made of: every image's path, class, size and modification time, in order."""
     h = hashlib.sha256()
-    for path, label in samples:
-        st = os.stat(path)
-        h.update(f"{os.path.relpath(path, root)}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8",
-                                                                                                 "surrogateescape"))
+    for it in itertools.chain.from_iterable(plan):
+        h.update(f"{it['rel']}\0{it['label']}\0{it['size']}\0{it['mtime_ns']}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 
@@ -463,7 +461,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, prefix: Optional[str
     for stale in out.glob(f".{prefix}-*.tar.*.tmp"):  # a killed write's half shard
         stale.unlink()
     _record_classes(out, classes)
-    settings = {"source": str(src.resolve()), "source_digest": _listing_digest(samples, src), "prefix": prefix,
+    plan = plan_shards(samples, src, max_count, max_size)
+    settings = {"source": str(src.resolve()), "source_digest": _listing_digest(plan), "prefix": prefix,
                 "max_count": max_count, "max_size": max_size}
     manifest_path = out / f"{prefix}.json"
     done: list[dict] = []
@@ -480,7 +479,6 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, prefix: Optional[str
             log(f"{manifest_path}: already complete, {recorded['images']} images in {len(done)} shards")
             lock.release(remove=True)
             return recorded
-    plan = plan_shards(samples, src, max_count, max_size)
     manifest = {**settings, "format": "webdataset: KEY.<image extension> + KEY.cls (class index)",
                 "images": len(samples), "classes": len(classes), "shards": done, "complete": False}
     bar = tqdm(total=len(samples), initial=sum(s["images"] for s in done), unit="img", desc="shards")
