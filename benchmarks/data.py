@@ -6,12 +6,13 @@ JSON line per (source, workers).
     python benchmarks/data.py --data-path /data/ImageNet/train --num-images 20000 --out /scratch/bench-shards
     python benchmarks/data.py --num-images 32 --source-size 48 --image-size 32 --workers 0,2   # a toy size
 
-Torch runs one thread in the main process too, as in each worker. ``images_per_s`` is the whole epoch (worker start included) over its images; ``setup_s`` what a run pays before
-its first batch: listing the folder (``find_images``), or indexing the shards with an empty index cache
-(``setup_cached_s``: with the cache a second start finds). With ``--data-path`` the images are ``--num-images``
-spread evenly over the folder, linked into a temporary folder that both sources read. Files just written sit in
-the page cache, so this measures decoding and the loader, not a cold shared file system, where every image of
-a folder costs an ``open`` (a metadata request) and a shard one per process.
+``images_per_s`` is the whole epoch (worker start included) over its images; ``setup_s`` what a run pays
+before its first batch: listing the folder (``find_images``), or indexing the shards with an empty index cache
+(``setup_cached_s``: with the cache a second start finds). Torch runs one thread in the main process, as in each
+worker. With ``--data-path`` the images are ``--num-images`` spread evenly over the folder, linked into a
+temporary folder that both sources read. Files just written sit in the page cache, so this measures decoding and
+the loader, not a cold shared file system, where every image of a folder costs an ``open`` (a metadata request)
+and a shard one per process.
 """
 from __future__ import annotations
 

@@ -237,3 +237,17 @@ def test_an_unreadable_image_member_is_skipped_in_training_and_refused_in_evalua
     with pytest.raises(SystemExit, match=rf"^error: cannot read image {tar} member b.png \(evaluation needs every "
                                          r"image\)$"):
         list(eval_batches(evaluation, np.arange(3), 2, 0))
+
+
+def test_code_extraction_reads_shards_as_it_reads_the_folder(setup, tmp_path):
+    from autoregressive.data.code_store import CodeDataset, read_manifest
+    from autoregressive.train import extract_codes
+
+    shards.convert(setup / "data", tmp_path / "shards", prefix="train", max_count=5, log=lambda *a: None)
+    args = ["--vq-ckpt", str(setup / "dual.pt"), "--image-size", "32", "--num-workers", "0", "--batch-size", "4"]
+    stores = {}
+    for name, data in (("folder", setup / "data"), ("shards", tmp_path / "shards" / "train-{000000..000002}.tar")):
+        extract_codes.main(args + ["--data-path", str(data), "--code-path", str(tmp_path / name)])
+        stores[name] = CodeDataset(tmp_path / name).__getitems__(list(range(12)))
+    assert all(torch.equal(a, b) for a, b in zip(stores["folder"], stores["shards"]))  # codes and labels
+    assert read_manifest(tmp_path / "shards").extra["classes"] == ["astronaut", "cat", "rocket"]

@@ -29,6 +29,7 @@ import io
 import itertools
 import json
 import os
+import random
 import re
 import resource
 import sys
@@ -279,7 +280,7 @@ class ShardDataset(SafeImageDataset):
     Descriptors are opened per process on first use and kept (least recently used closed past the budget);
     they are never pickled, so workers started by fork or spawn each open their own."""
 
-    def __init__(self, shards: list[str | os.PathLike], transform: Callable[[Image.Image, object], torch.Tensor],
+    def __init__(self, shards: list[str | os.PathLike], transform: Callable[[Image.Image, random.Random], torch.Tensor],
                  image_size: int, seed: int = 0, fallback: bool = False, max_fallbacks: int = 100):
         super().__init__(transform, image_size, seed, fallback, max_fallbacks)
         self._files: OrderedDict[int, int] = OrderedDict()  # shard -> descriptor, least recently used first
