@@ -36,36 +36,9 @@ launch() {
   "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" \
     --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" --master_port="${MASTER_PORT:-$port}" "$ROOT/$1" "${@:2}"
 }
-# flag_value FLAG DEFAULT ARGS...: the value of the last FLAG in ARGS (`--flag v` or `--flag=v`), else DEFAULT
-flag_value() {
-  local flag=$1 value=$2; shift 2
-  while [ $# -gt 0 ]; do
-    case "$1" in
-      "$flag") value=${2:-$value}; shift ;;
-      "$flag"=*) value=${1#*=} ;;
-    esac
-    shift
-  done
-  echo "$value"
-}
-# recipe_accumulation GLOBAL_BATCH RECIPE_PER_PASS ARGS...: gradient-accumulation steps that keep RECIPE_PER_PASS
-# images per forward pass on NNODES x NPROC_PER_NODE processes (ARGS' own --gradient-accumulation-steps wins);
-# prints the resulting split on stderr.
-recipe_accumulation() {
-  local global=$1 per_pass=$2; shift 2
-  if ! [[ "$global" =~ ^[0-9]+$ ]] || [ "$global" -lt 1 ]; then
-    echo "error: --global-batch-size $global: expected a whole number >= 1" >&2
-    exit 2
-  fi
-  local world=$((NNODES * NPROC_PER_NODE))
-  local accum=$(( global / (world * per_pass) ))
-  [ "$accum" -ge 1 ] || accum=1
-  accum=$(flag_value --gradient-accumulation-steps "$accum" "$@")
-  if ! [[ "$accum" =~ ^[0-9]+$ ]] || [ "$accum" -lt 1 ]; then
-    echo "error: --gradient-accumulation-steps $accum: expected a whole number >= 1" >&2
-    exit 2
-  fi
-  echo "batch: $global images per step = $world processes x $accum accumulation steps x" \
-       "$(( global / (world * accum) )) images per forward pass (the recipe: $per_pass)" >&2
-  echo "$accum"
+# check_flags SCRIPT ARGS...: SCRIPT's own check of its flags, before torchrun starts: one line and the exit status
+# of argparse (2) or of the config (1) when they are wrong; else it prints the batch split the run will use, computed
+# by the code the run uses, for NNODES x NPROC_PER_NODE processes.
+check_flags() {
+  WORLD_SIZE=$((NNODES * NPROC_PER_NODE)) "$PYTHON" "$ROOT/$1" --check-flags "${@:2}" >&2
 }

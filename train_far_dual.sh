@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train the FAR generator on FQGAN-Dual codes: (1) extract ten-crop codes of ImageNet with the tokenizer,
-# (2) train FAR-B for 300 epochs. The paper's steps and defaults.
+# (2) train FAR-B for 300 epochs. The paper's steps and defaults (the training recipe: --recipe far, utils/recipes.py).
 #   VQ_CKPT=fqgan_dual_ds16.pt DATA_PATH=/data/ImageNet/train bash train_far_dual.sh
 # Environment: VQ_CKPT, DATA_PATH, CODE_PATH, GPT_MODEL, EXP_NAME, SKIP_EXTRACT=1 (codes already there),
 # NNODES, NPROC_PER_NODE, NODE_RANK, MASTER_ADDR, MASTER_PORT, PYTHON.
@@ -11,6 +11,9 @@ FACTORS=${FACTORS:-dual}
 VQ_CKPT=${VQ_CKPT:-results_tokenizer_image/fqgan_${FACTORS}_ds16.pt}
 CODE_PATH=${CODE_PATH:-DATA/C2I/imagenet_code_c2i_flip_ten_crop_${FACTORS}}
 GPT_MODEL=${GPT_MODEL:-FAR-B}
+TRAIN=(--recipe far --code-path "$CODE_PATH" --gpt-model "$GPT_MODEL" --exp-name "${EXP_NAME:-far_base_${FACTORS}_code_300epoch}"
+       "$@")
+check_flags autoregressive/train/train_c2i_${FACTORS}.py "${TRAIN[@]}"  # before hours of extraction
 set -x
 if [ "${SKIP_EXTRACT:-0}" != "1" ]; then
   launch 12335 autoregressive/train/extract_codes_c2i_${FACTORS}_code.py \
@@ -23,15 +26,4 @@ if [ "${SKIP_EXTRACT:-0}" != "1" ]; then
     --crop-range 1.1 \
     --image-size 256
 fi
-launch 18988 autoregressive/train/train_c2i_${FACTORS}.py \
-  --code-path "$CODE_PATH" \
-  --image-size 256 \
-  --vocab-size 16384 \
-  --epochs 300 \
-  --dataset imagenet_${FACTORS}_code \
-  --gpt-model "$GPT_MODEL" \
-  --ckpt-every 125000 \
-  --lr 1e-4 \
-  --global-batch-size 256 \
-  --exp-name "${EXP_NAME:-far_base_${FACTORS}_code_300epoch}" \
-  "$@"
+launch 18988 autoregressive/train/train_c2i_${FACTORS}.py "${TRAIN[@]}"

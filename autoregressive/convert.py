@@ -13,23 +13,29 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from autoregressive.models import describe_far, far_checkpoint
 from autoregressive.models.checkpoint import far_from_checkpoint
 from tokenizer.models import describe_tokenizer, tokenizer_checkpoint
 from tokenizer.models.checkpoint import tokenizer_from_checkpoint
-from utils.checkpoint import (CheckpointError, add_unsafe_load_argument, extract_weights, load_file,
-                              weight_preference, write_checkpoint)
+from utils.checkpoint import (CheckpointError, extract_weights, load_file, unsafe_load_flag, weight_preference,
+                              write_checkpoint)
+from utils.flags import flag, parse
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """The converter's command line."""
+    input: str = flag(positional=True, help="checkpoint file (.pt / .safetensors) or hf://owner/repo/file")
+    output: str = flag(positional=True, help="the safetensors file to write")
+    ema: bool = flag(False, help="take the EMA weights (default: 'model')")
+    unsafe_load: bool = unsafe_load_flag()
 
 
 def main(argv=None) -> Path:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", help="checkpoint file (.pt / .safetensors) or hf://owner/repo/file")
-    p.add_argument("output", help="the safetensors file to write")
-    p.add_argument("--ema", action="store_true", help="take the EMA weights (default: 'model')")
-    add_unsafe_load_argument(p)
-    args = p.parse_args(argv)
+    args = parse(ConvertConfig, argv, __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     prefer = weight_preference(args.ema)
     try:
         ckpt = load_file(args.input)

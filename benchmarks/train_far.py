@@ -63,7 +63,7 @@ def main(argv=None) -> dict:
                  "--log-every", "1000000", "--no-local-save"]
         flags += [] if args.compile else ["--no-compile"]
         flags += ["--fsdp"] if args.fsdp else []
-        t = build(parse_config(flags, factors), factors)
+        t = build(parse_config(flags, factors))
         device = t.run.info.device
         codes = torch.randint(0, 16384, (args.batch_size, 256, factors), device=device)
         labels = torch.randint(0, 1000, (args.batch_size,), device=device)

@@ -58,7 +58,7 @@ def run(kind: str, args, tmp: Path) -> dict:
     else:
         flags += ["--perceptual-weight", "1", "--vgg-path", str(tmp / "vgg16.pth"), "--disc-start", "0"]
     flags += ["--compile"] if args.compile else []
-    t = build(parse_config(flags, args.preset), args.preset)
+    t = build(parse_config(flags, args.preset))
     device = t.run.info.device
     x = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1
     t0 = time.perf_counter()

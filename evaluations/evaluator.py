@@ -18,11 +18,11 @@ mismatch would run, but it almost always means the wrong pair of files (a 256 re
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 if __name__ == "__main__":
     # Run as a script, Python puts evaluations/ first on sys.path; take it off, so our module names (metrics,
@@ -37,6 +37,7 @@ from evaluations.npz_stream import (ImageArrayInfo, iter_batches, num_batches, r
                                     validate_images)
 from evaluations.scoring import EvalResult, reference_statistics, score
 from utils.argtypes import positive_int
+from utils.flags import flag, parse, require
 
 
 FULL_RANK_IMAGES = 2048  # the pool features' width: fewer images cannot give a full-rank covariance
@@ -90,26 +91,34 @@ def evaluate(ref_path: str, sample_path: str, graph_path: str | os.PathLike | No
         return score(pool, spatial, ref, net, sample_path, sample_stored)
 
 
+@dataclass(frozen=True)
+class EvalConfig:
+    """The evaluator's command line."""
+    ref_batch: str = flag(positional=True,
+                          help="reference batch .npz (arr_0: N x H x W x 3 uint8; optional mu/sigma/mu_s/sigma_s)")
+    sample_batch: str = flag(positional=True, help="sample batch .npz (arr_0: N x H x W x 3 uint8)")
+    inception_graph: Optional[str] = flag(None, help="path of classify_image_graph_def.pb (default: $INCEPTION_GRAPH, "
+                                                     "./, ~/.cache/fqgan/)")
+    backend: str = flag("auto", choices=("auto", *BACKENDS),
+                        help="tf: TensorFlow runs the graph (as ADM); torch: torch runs the same graph, GPU or CPU, no "
+                             "TensorFlow needed. auto (default): torch if a GPU is present or TensorFlow is missing, "
+                             "else tf")
+    device: Optional[str] = flag(None, help="torch backend's device, e.g. cuda, cuda:1, cpu (default: cuda if "
+                                            "available)")
+    batch_size: Optional[int] = flag(None, type=positive_int,
+                                     help="images per Inception forward pass (default: 64 on a CPU, 500 on a GPU)")
+    allow_size_mismatch: bool = flag(False, help="evaluate even if reference and sample images differ in size")
+
+    def __post_init__(self):
+        require(not (self.device and self.backend == "tf"), "--device applies to --backend torch only")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("ref_batch",
-                        help="reference batch .npz (arr_0: N x H x W x 3 uint8; optional mu/sigma/mu_s/sigma_s)")
-    parser.add_argument("sample_batch", help="sample batch .npz (arr_0: N x H x W x 3 uint8)")
-    parser.add_argument("--inception-graph", default=None,
-                        help="path of classify_image_graph_def.pb (default: $INCEPTION_GRAPH, ./, ~/.cache/fqgan/)")
-    parser.add_argument("--backend", default="auto", choices=("auto", *BACKENDS),
-                        help="tf: TensorFlow runs the graph (as ADM); torch: torch runs the same graph, GPU or CPU, "
-                             "no TensorFlow needed. auto (default): torch if a GPU is present or TensorFlow is "
-                             "missing, else tf")
-    parser.add_argument("--device", default=None,
-                        help="torch backend's device, e.g. cuda, cuda:1, cpu (default: cuda if available)")
-    parser.add_argument("--batch-size", type=positive_int, default=None,
-                        help="images per Inception forward pass (default: 64 on a CPU, 500 on a GPU)")
-    parser.add_argument("--allow-size-mismatch", action="store_true",
-                        help="evaluate even if reference and sample images differ in size")
-    args = parser.parse_args(argv)
-    if args.device and args.backend == "tf":
-        parser.error("--device applies to --backend torch only")
+    try:
+        args = parse(EvalConfig, argv, __doc__.split("\n\n")[0])
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         result = evaluate(args.ref_batch, args.sample_batch, args.inception_graph, args.batch_size,
                           args.allow_size_mismatch, args.backend, args.device)

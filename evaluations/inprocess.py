@@ -6,9 +6,9 @@ the npz of the same images, without writing or reading the npz.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +20,8 @@ from evaluations.inception_torch import TorchBackendConfig, TorchInception
 from evaluations.errors import EvaluatorInputError
 from evaluations.npz_stream import MIN_IMAGES, validate_images
 from evaluations.scoring import EvalResult, reference_statistics, score
+from utils.argtypes import positive_int
+from utils.flags import flag
 
 POOL, SPATIAL = "inception_pool", "inception_spatial"  # the per-row feature arrays among the npz parts
 # Inception images at once on a GPU beside the sampler: ~16 MB of float32 activations each at 299x299, so 128 take
@@ -27,15 +29,21 @@ POOL, SPATIAL = "inception_pool", "inception_spatial"  # the per-row feature arr
 GPU_BATCH = 128
 
 
-def add_fid_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--fid-ref", type=str, default=None,
-                   help="reference batch .npz: score the images in-process as they are made (IS, FID, sFID, "
-                        "precision, recall, as evaluations/evaluator.py --backend torch)")
-    p.add_argument("--inception-graph", type=str, default=None,
-                   help="classify_image_graph_def.pb for --fid-ref (default: $INCEPTION_GRAPH, ./, ~/.cache/fqgan/)")
-    p.add_argument("--fid-batch-size", type=int, default=None,
-                   help=f"images per Inception forward pass for --fid-ref (default: {GPU_BATCH} on a GPU, 64 on "
-                        "a CPU)")
+FID_GROUP = "scoring in-process (--fid-ref)"
+
+
+@dataclass(frozen=True)
+class FIDFlags:
+    """The flags of an entry point that can score its images as it makes them (the samplers, reconstruction)."""
+    fid_ref: Optional[str] = flag(None, group=FID_GROUP, output=False,
+                                  help="reference batch .npz: score the images in-process as they are made (IS, FID, "
+                                       "sFID, precision, recall, as evaluations/evaluator.py --backend torch)")
+    inception_graph: Optional[str] = flag(None, group=FID_GROUP, output=False,
+                                          help="classify_image_graph_def.pb for --fid-ref (default: $INCEPTION_GRAPH, "
+                                               "./, ~/.cache/fqgan/)")
+    fid_batch_size: Optional[int] = flag(None, type=positive_int, group=FID_GROUP, output=False,
+                                         help=f"images per Inception forward pass for --fid-ref (default: {GPU_BATCH} "
+                                              "on a GPU, 64 on a CPU)")
 
 
 class InProcessFID:

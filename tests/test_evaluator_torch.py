@@ -105,6 +105,10 @@ OP_CASES = {
         tf.multiply(tf.subtract(x, 128.0), tf.constant(r.normal(size=3), tf.float32)),
         tf.constant(r.normal(size=(5, 6, 3)), tf.float32), name="y")),
     "concat_relu_channels": ((2, 5, 6, 3), lambda x, r: tf.nn.relu(tf.concat([x - 100.0, x * 2.0, x], -1), name="y")),
+    # TF1's Add (tf.add now writes AddV2) and RealDiv (x / y), as older exports hold them
+    "add_v1_realdiv": ((2, 5, 6, 3), lambda x, r: tf.raw_ops.RealDiv(
+        x=tf.raw_ops.Add(x=x, y=tf.constant(r.normal(size=3), tf.float32)),
+        y=tf.constant(r.uniform(1, 2, size=(6, 3)), tf.float32), name="y")),
     # The head: Reshape of a 4-D tensor (NHWC order), MatMul, BiasAdd, Softmax.
     "reshape_matmul_softmax": ((2, 2, 3, 4), lambda x, r: tf.nn.softmax(tf.nn.bias_add(
         tf.matmul(tf.reshape(x, [-1, 24]), tf.constant(r.normal(size=(24, 7)), tf.float32)),
@@ -162,17 +166,24 @@ def standin(tmp_path_factory):
     return write_standin_graph(tmp_path_factory.mktemp("standin") / GRAPH_FILENAME, width=WIDTH)
 
 
-def test_standin_has_the_real_layout(standin):
-    gd = graphdef.read_graph_def(standin)
-    assert gd.versions.producer < 9
-    ops = {n.name: n.op for n in gd.node}
-    for name, op in {"ExpandDims": "ExpandDims", "ResizeBilinear": "ResizeBilinear", "Sub": "Sub", "Mul": "Mul",
-                     "conv/batchnorm": "BatchNormWithGlobalNormalization", "conv/CheckNumerics": "CheckNumerics",
-                     "conv/control_dependency": "Identity", "mixed/join": "Concat", "mixed_6/conv": "Relu",
-                     "mixed_10/tower_2/pool": "MaxPool", "pool_3": "AvgPool", "pool_3/_reshape": "Reshape",
-                     "softmax/logits/MatMul": "MatMul", "softmax": "Softmax"}.items():
-        assert ops[name] == op, name
-    assert sum(op == "Conv2D" for op in ops.values()) == 94
+@needs_tf
+def test_every_op_of_the_torch_backend_is_compared_with_tensorflow(standin):
+    """What the single-op cases and the stand-in are for: between them, the comparisons with TensorFlow above and
+    below run every op the torch backend implements (an op added to torch_graph.OPS without one fails here), and
+    the stand-in holds the ops only the real graph has (BatchNormWithGlobalNormalization, which TensorFlow refuses
+    beyond GraphDef producer 8; the old Concat; CheckNumerics)."""
+    from tensorboard.compat.proto import graph_pb2
+    from evaluations.torch_graph import OPS
+
+    real_only = {n.op for n in graphdef.read_graph_def(standin).node}
+    assert {"BatchNormWithGlobalNormalization", "Concat", "CheckNumerics"} <= real_only
+    assert graphdef.read_graph_def(standin).versions.producer < 9
+    covered = set(real_only)
+    for shape, build in OP_CASES.values():
+        gd = graph_pb2.GraphDef()
+        gd.ParseFromString(_op_graph(build, shape))
+        covered |= {n.op for n in gd.node}
+    assert set(OPS) <= covered, sorted(set(OPS) - covered)
 
 
 @needs_tf

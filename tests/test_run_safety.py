@@ -376,16 +376,20 @@ def test_counts_and_ranges_are_refused_before_any_work(entry, flags, message, ca
     assert not list(tmp_path.iterdir())  # nothing was created
 
 
-@pytest.mark.parametrize("env,message", [
-    ({"NPROC_PER_NODE": "0"}, "error: NPROC_PER_NODE=0: expected a whole number >= 1"),
-    ({"NNODES": "two"}, "error: NNODES=two: expected a whole number >= 1"),
-    ({"NNODES": "2", "NODE_RANK": "2"}, "error: NODE_RANK=2: must be below NNODES=2"),
-    ({"GRAD": "0"}, "error: --gradient-accumulation-steps 0: expected a whole number >= 1"),
+@pytest.mark.parametrize("env,extra,status,message", [
+    ({"NPROC_PER_NODE": "0"}, [], 2, "error: NPROC_PER_NODE=0: expected a whole number >= 1"),
+    ({"NNODES": "two"}, [], 2, "error: NNODES=two: expected a whole number >= 1"),
+    ({"NNODES": "2", "NODE_RANK": "2"}, [], 2, "error: NODE_RANK=2: must be below NNODES=2"),
+    ({}, ["--gradient-accumulation-steps", "0"], 2, "argument --gradient-accumulation-steps: 0 must be >= 1"),
+    # 256 images over 3 processes: no whole split; said before torchrun starts, not by every rank after it
+    ({"NPROC_PER_NODE": "3"}, [], 1, "error: --global-batch-size 256 is not divisible by 3 processes x 2 "
+                                     "accumulation steps (give --gradient-accumulation-steps, or a number of "
+                                     "processes that divides it)"),
 ])
-def test_launch_scripts_check_their_counts(env, message, tmp_path):
-    extra = ["--gradient-accumulation-steps", "0"] if env.pop("GRAD", None) else []
+def test_launch_scripts_check_their_counts(env, extra, status, message, tmp_path):
     r = run(["bash", ROOT / "train_fqgan_dual.sh", *extra], tmp_path, env={**ENV, "NPROC_PER_NODE": "1", **env})
-    assert r.returncode == 2 and r.stderr.strip() == message
+    assert r.returncode == status and last_line(r.stderr).endswith(message), r.stderr[-2000:]
+    assert "torch.distributed.run" not in r.stderr and not list(tmp_path.iterdir())
 
 
 def test_evaluator_warns_for_tiny_batches_and_survives_a_read_only_folder(tmp_path):

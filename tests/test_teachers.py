@@ -1,5 +1,4 @@
 """Semantic teachers: tiny random CLIP / DINOv2 checkpoints saved to disk and loaded by folder."""
-import argparse
 import time
 
 import pytest
@@ -11,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 from tokenizer.losses import FQGANLoss, LossConfig  # noqa: E402
 from tokenizer.models import FactorConfig, FactorizedTokenizer, TokenizerConfig, tokenizer_config  # noqa: E402
 from tokenizer.teachers import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, SemanticTeacher,  # noqa: E402
-                                TeacherUnavailableError, Teachers, add_teacher_arguments, load_teacher,
+                                TeacherUnavailableError, Teachers, load_teacher,
                                 load_teachers, teacher_flag, teacher_names, teacher_overrides_from_args)
 
 SIZE = 32  # the tiny teachers' input size (real ones: 224)
@@ -122,12 +121,16 @@ def test_load_teachers_one_per_head_and_train_a_step(folders):
 
 def test_overrides_and_flags(folders):
     cfg = _config("facebook/dinov2-small", "openai/clip-vit-base-patch16", high_width=48)
-    parser = add_teacher_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(["--teacher-sem-mid", folders["dinov2"], "--teacher-sem-high", folders["clip_full"]])
+    from tokenizer.train import parse_config
+
+    args = parse_config(["--data-path", "d", "--exp-name", "e", "--teacher-sem-mid", folders["dinov2"],
+                         "--teacher-sem-high", folders["clip_full"]], "triple")
     overrides = teacher_overrides_from_args(args, cfg)
     assert overrides == {"sem_mid": folders["dinov2"], "sem_high": folders["clip_full"]}
     assert teacher_flag("sem_high") == "--teacher-sem-high"
-    assert parser.parse_args([]).teacher_sem is None  # the dual preset's flag exists too
+    assert args.teacher_sem is None
+    with pytest.raises(SystemExit):  # the triple trainer has no --teacher-sem (the dual preset's teacher)
+        parse_config(["--data-path", "d", "--exp-name", "e", "--teacher-sem", "x"], "triple")
     teachers = load_teachers(cfg, overrides, image_size=SIZE)
     assert teachers[2].width == 48 and teachers[1].family == "dinov2"
     assert teacher_names(cfg, {2: "/x/y"})[2] == "/x/y"  # by index works too

@@ -84,7 +84,7 @@ def test_discriminator_step_runs_its_ddp_module_once_per_micro_batch(data, tmp_p
     cfg = tokenizer_train.parse_config(
         ["--data-path", str(data), *TINY, "--global-batch-size", "4", "--gradient-accumulation-steps", "2",
          "--disc-start", "1", "--exp-name", "d", "--results-dir", str(tmp_path), "--no-local-save"], "dual")
-    t = tokenizer_train.build(cfg, "dual")
+    t = tokenizer_train.build(cfg)
     calls = []
     t.train_disc.register_forward_pre_hook(lambda module, inputs: calls.append(len(inputs)))
     logs, _, _ = tokenizer_train.train_step(t, torch.rand(4, 3, 32, 32) * 2 - 1, step=1)
@@ -155,5 +155,8 @@ def test_launch_script_with_environment_overrides(data, tmp_path):
                        env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "--nproc_per_node=2" in r.stderr and "vq_train_triple.py" in r.stderr
+    # the split the script prints before torchrun is the one the run logs (the same code computes both)
+    split = "batch: 4 images per step = 2 processes x 1 accumulation steps x 2 images per forward pass"
+    assert r.stderr.splitlines()[0].startswith(split) and split in r.stdout
     m = metrics(tmp_path / "results_tokenizer_image" / "VQ-16-script")
     assert m[0]["step"] == 1 and "codebook_loss_sem_high" in m[0]

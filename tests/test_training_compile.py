@@ -44,7 +44,7 @@ def _tokenizer_losses(data, tmp_path, backend, disc_start: int = 2, extra=()) ->
     cfg = tokenizer_train.parse_config(
         ["--data-path", str(data), *TINY, *extra, "--global-batch-size", "4", "--disc-start", str(disc_start),
          "--exp-name", "c", "--results-dir", str(tmp_path / str(backend)), "--no-local-save"], "dual")
-    t = tokenizer_train.build(cfg, "dual")
+    t = tokenizer_train.build(cfg)
     if backend:  # as --compile does (in place: the updates run the compiled modules), with the test's backend
         t.model.compile(backend=backend)
         t.disc.compile(backend=backend)
@@ -82,7 +82,7 @@ def _far_losses(codes_root, tmp_path, backend) -> list[dict]:
         ["--code-path", str(codes_root), *FAR_TINY, "--global-batch-size", "4", "--exp-name", "c",
          "--results-dir", str(tmp_path / str(backend)), "--no-local-save", "--dropout-p", "0",
          "--token-dropout-p", "0"], 2)
-    t = train_c2i.build(cfg, 2)
+    t = train_c2i.build(cfg)
     if backend:
         t.train_model = torch.compile(t.model, backend=backend)
     gen = torch.Generator().manual_seed(0)

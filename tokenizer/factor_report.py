@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,28 +30,29 @@ from tqdm import tqdm
 from tokenizer.factor_metrics import codebook_stats, separability, tsne
 from tokenizer.models import describe_tokenizer, load_tokenizer, swap_factor
 from tokenizer.reconstruct_image import psnr
-from utils.checkpoint import CheckpointError, add_unsafe_load_argument
+from utils.argtypes import nonnegative_int, positive_int
+from utils.checkpoint import CheckpointError, unsafe_load_flag
 from utils.data import eval_batches, eval_transform, image_dataset, rank_shard
 from utils.distributed import all_gather_objects, all_reduce_sum, cleanup, init_distributed
+from utils.flags import flag, parse
 
 MAX_LEGEND = 20  # classes named in the t-SNE legend; beyond that the colours alone tell them apart
 
 
-def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vq-ckpt", required=True, help="tokenizer checkpoint: a file or hf://owner/repo/file")
-    p.add_argument("--data-path", required=True,
-                   help="an ImageFolder (one sub-folder of images per class) or tar shards (docs/data.md)")
-    p.add_argument("--out", required=True, help="folder for report.json, tsne.png and reconstructions.png")
-    p.add_argument("--num-images", type=int, default=0,
-                   help="use N images spread evenly over the set, so every class keeps its share (0: all)")
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--num-show", type=int, default=4, help="images (one per class) in reconstructions.png")
-    p.add_argument("--seed", type=int, default=0, help="seeds the t-SNE and the cross-validation folds")
-    p.add_argument("--per-proc-batch-size", type=int, default=32)
-    p.add_argument("--num-workers", type=int, default=4)
-    add_unsafe_load_argument(p)
-    return p
+@dataclass(frozen=True)
+class ReportConfig:
+    """The command line of the factor report."""
+    vq_ckpt: str = flag("", required=True, help="tokenizer checkpoint: a file or hf://owner/repo/file")
+    data_path: str = flag("", required=True, help="an ImageFolder (a sub-folder of images per class) or its tar shards")
+    out: str = flag("", required=True, help="folder for report.json, tsne.png and reconstructions.png")
+    num_images: int = flag(0, type=nonnegative_int,
+                           help="use N images spread evenly over the set, so every class keeps its share (0: all)")
+    image_size: int = flag(256, type=positive_int)
+    num_show: int = flag(4, type=positive_int, help="images (one per class) in reconstructions.png")
+    seed: int = flag(0, type=int, help="seeds the t-SNE and the cross-validation folds")
+    per_proc_batch_size: int = flag(32, type=positive_int)
+    num_workers: int = flag(4, type=nonnegative_int)
+    unsafe_load: bool = unsafe_load_flag()
 
 
 def select_images(n: int, num_images: int) -> np.ndarray:
@@ -185,7 +187,7 @@ def summary(report: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    args = get_parser().parse_args(argv)
+    args = parse(ReportConfig, argv, __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     info = init_distributed()
     try:
         model = load_tokenizer(args.vq_ckpt, map_location="cpu")

@@ -21,9 +21,9 @@ Everything is printed, written to ``<folder-name>_results.txt`` (the original's 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -33,53 +33,47 @@ import torch.nn.functional as F
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from tqdm import tqdm
 
-from evaluations.inprocess import POOL, SPATIAL, InProcessFID, add_fid_arguments, write_result
+from evaluations.inprocess import POOL, SPATIAL, FIDFlags, InProcessFID, write_result
 from evaluations.errors import EvaluatorInputError
 from tokenizer.factor_metrics import codebook_stats
-from tokenizer.models import check_tokenizer_flags, describe_tokenizer, load_tokenizer
-from utils.checkpoint import CheckpointError, add_unsafe_load_argument
+from tokenizer.models import TokenizerFlags, check_tokenizer_flags, describe_tokenizer, load_tokenizer
+from utils.argtypes import nonnegative_int, positive_int
+from utils.checkpoint import CheckpointError, unsafe_load_flag
 from utils.data import eval_batches, eval_transform, image_dataset, rank_shard
 from utils.distributed import all_reduce_sum, cleanup, init_distributed
 from utils.factors import preset_name
-from utils.flags import add_compat_flags, ignored, parse_flags
+from utils.flags import flag, ignored, parse
 from utils.images import to_uint8
 from utils.npz import ShardedNpzWriter
 
 
-# The original evaluation scripts' flags that do nothing here: the checkpoint decides the model (heads included).
-COMPAT = (
-    ignored("--dataset", type=str, default="imagenet", help="--data-path is read as an ImageFolder or tar shards"),
-    ignored("--with_clip_supervision", action="store_true", help="the checkpoint decides whether heads exist"),
-    ignored("--with_disentanglement", action="store_true", help="a training flag"),
-    ignored("--disentanglement-ratio", type=float, default=0.1, help="a training flag"),
-    ignored("--semantic-weight", type=float, default=0.5, help="a training flag"),
-)
+@dataclass(frozen=True)
+class ReconstructConfig(TokenizerFlags, FIDFlags):
+    """The command line of reconstruction evaluation."""
+    IGNORED = (  # the original evaluation scripts' flags that do nothing here: the checkpoint decides the model
+        ignored("--dataset", type=str, default="imagenet", help="--data-path is read as an ImageFolder or tar shards"),
+        ignored("--with_clip_supervision", action="store_true", help="the checkpoint decides whether heads exist"),
+        ignored("--with_disentanglement", action="store_true", help="a training flag"),
+        ignored("--disentanglement-ratio", type=float, default=0.1, help="a training flag"),
+        ignored("--semantic-weight", type=float, default=0.5, help="a training flag"),
+    )
+    data_path: str = flag("", required=True, help="ImageFolder root of the evaluation images, or tar shards")
+    image_size: int = flag(256, type=positive_int)
+    image_size_eval: Optional[int] = flag(None, type=positive_int, help="resize both images to this for metrics")
+    sample_dir: str = flag("reconstructions")
+    folder_name: str = flag("default_recon", help="names the outputs: <sample-dir>/<folder-name>.npz ...")
+    per_proc_batch_size: int = flag(32, type=positive_int)
+    global_seed: int = flag(0, type=int, help="(nothing is random)")
+    num_workers: int = flag(4, type=nonnegative_int)
+    num_images: int = flag(0, type=nonnegative_int, help="evaluate only the first N images (0: all)")
+    save_png: bool = flag(False, help="also write <sample-dir>/<folder-name>/NNNNNN.png")
+    vgg_path: Optional[str] = flag(None, help="VGG16 ImageNet weights for LPIPS (optional)")
+    no_tf32: bool = flag(False, help="full fp32 matmuls on GPU (TF32 is on by default)")
+    unsafe_load: bool = unsafe_load_flag()
 
 
-def get_parser(num_factors: int) -> argparse.ArgumentParser:
-    name = preset_name(num_factors)
-    p = argparse.ArgumentParser(description=f"Reconstruction evaluation of an FQGAN-{name} tokenizer.")
-    p.add_argument("--data-path", type=str, required=True)
-    p.add_argument("--vq-model", type=str, choices=["VQ-16", "VQ-8"], default=None,
-                   help="checked against the checkpoint (which determines the model)")
-    p.add_argument("--vq-ckpt", type=str, required=True)
-    p.add_argument("--codebook-size", type=int, default=None, help="checked against the checkpoint")
-    p.add_argument("--codebook-embed-dim", type=int, default=None, help="checked against the checkpoint")
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--image-size-eval", type=int, default=None, help="resize both images to this for metrics")
-    p.add_argument("--sample-dir", type=str, default="reconstructions")
-    p.add_argument("--folder-name", type=str, default="default_recon")
-    p.add_argument("--per-proc-batch-size", type=int, default=32)
-    p.add_argument("--global-seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--num-images", type=int, default=0, help="evaluate only the first N images (0: all)")
-    p.add_argument("--save-png", action="store_true", help="also write <sample-dir>/<folder-name>/NNNNNN.png")
-    p.add_argument("--vgg-path", type=str, default=None, help="VGG16 ImageNet weights for LPIPS (optional)")
-    p.add_argument("--no-tf32", action="store_true", help="full fp32 matmuls on GPU (TF32 is on by default)")
-    add_fid_arguments(p)
-    add_unsafe_load_argument(p)
-    add_compat_flags(p, COMPAT)
-    return p
+def parse_config(argv=None, num_factors: int = 2) -> ReconstructConfig:
+    return parse(ReconstructConfig, argv, f"Reconstruction evaluation of an FQGAN-{preset_name(num_factors)} tokenizer.")
 
 
 def image_metrics(recon_u8: np.ndarray, target01: np.ndarray) -> tuple[list[float], list[float], list[float]]:
@@ -107,51 +101,51 @@ def _lpips_or_none(vgg_path: Optional[str], device: torch.device, log) -> Option
 
 @torch.no_grad()  # evaluation only (and leaves grad mode alone for in-process callers)
 def main(argv=None, num_factors: int = 2) -> dict:
-    args = parse_flags(get_parser(num_factors), COMPAT, argv)
+    cfg = parse_config(argv, num_factors)
     info = init_distributed()
-    if not args.no_tf32:
+    if not cfg.no_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     log = print if info.is_main else (lambda *a, **k: None)
     try:
-        model = load_tokenizer(args.vq_ckpt, expect_factors=num_factors)
-        check_tokenizer_flags(args, model)
-        dataset = image_dataset(args.data_path, eval_transform(args.image_size), args.image_size)
+        model = load_tokenizer(cfg.vq_ckpt, expect_factors=num_factors)
+        check_tokenizer_flags(cfg, model)
+        dataset = image_dataset(cfg.data_path, eval_transform(cfg.image_size), cfg.image_size)
     except (CheckpointError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     model = model.to(info.device)
-    cfg = model.config
-    log(f"Loaded {describe_tokenizer(cfg)} from {model.loaded_from}")
-    lpips = _lpips_or_none(args.vgg_path, info.device, log)
+    tok = model.config
+    log(f"Loaded {describe_tokenizer(tok)} from {model.loaded_from}")
+    lpips = _lpips_or_none(cfg.vgg_path, info.device, log)
 
-    n = min(len(dataset), args.num_images) if args.num_images else len(dataset)
-    size = args.image_size_eval or args.image_size
-    out = Path(args.sample_dir) / f"{args.folder_name}.npz"
+    n = min(len(dataset), cfg.num_images) if cfg.num_images else len(dataset)
+    size = cfg.image_size_eval or cfg.image_size
+    out = Path(cfg.sample_dir) / f"{cfg.folder_name}.npz"
     fid = None
-    if args.fid_ref:
+    if cfg.fid_ref:
         try:  # before any image: a wrong reference fails now
-            fid = InProcessFID(args.fid_ref, args.inception_graph, info.device, size, n, args.fid_batch_size)
+            fid = InProcessFID(cfg.fid_ref, cfg.inception_graph, info.device, size, n, cfg.fid_batch_size)
         except EvaluatorInputError as e:
             sys.exit(f"error: {e}")
         log(f"--fid-ref: {fid.describe()}")
     writer = ShardedNpzWriter(out, {"arr_0": ((n, size, size, 3), np.uint8), **(fid.arrays(n) if fid else {})},
                               members=["arr_0"])
-    png_dir = Path(args.sample_dir) / args.folder_name
-    if args.save_png:
+    png_dir = Path(cfg.sample_dir) / cfg.folder_name
+    if cfg.save_png:
         png_dir.mkdir(parents=True, exist_ok=True)
 
     sums = torch.zeros(5, dtype=torch.float64)  # psnr, ssim, ssim_true, lpips, count
-    hist = torch.zeros(num_factors, cfg.codebook_size, dtype=torch.float64)
+    hist = torch.zeros(num_factors, tok.codebook_size, dtype=torch.float64)
     shard = rank_shard(n, info.rank, info.world_size)
-    batches = eval_batches(dataset, shard, args.per_proc_batch_size, args.num_workers)
-    total = -(-len(shard) // args.per_proc_batch_size)
-    for x, _, idx, _ in tqdm(batches, total=total, disable=not info.is_main, desc=args.folder_name):
+    batches = eval_batches(dataset, shard, cfg.per_proc_batch_size, cfg.num_workers)
+    total = -(-len(shard) // cfg.per_proc_batch_size)
+    for x, _, idx, _ in tqdm(batches, total=total, disable=not info.is_main, desc=cfg.folder_name):
         x = x.to(info.device, non_blocking=True)
         indices = model.encode_indices(x, batch_size=len(x))
         recon = model.decode_indices(indices, batch_size=len(x))
         for f in range(num_factors):
-            hist[f] += torch.bincount(indices[:, f].flatten().cpu(), minlength=cfg.codebook_size).double()
-        if size != args.image_size:
+            hist[f] += torch.bincount(indices[:, f].flatten().cpu(), minlength=tok.codebook_size).double()
+        if size != cfg.image_size:
             x = F.interpolate(x, size=(size, size), mode="bicubic")
             recon = F.interpolate(recon, size=(size, size), mode="bicubic")
         recon_u8 = to_uint8(recon)
@@ -166,7 +160,7 @@ def main(argv=None, num_factors: int = 2) -> dict:
         sums[4] += len(x)
         if lpips is not None:
             sums[3] += lpips(recon.clamp(-1, 1), x).sum().item()
-        if args.save_png:
+        if cfg.save_png:
             from PIL import Image
             for i, img in zip(idx.tolist(), recon_u8):
                 Image.fromarray(img).save(png_dir / f"{i:06d}.png")
@@ -180,9 +174,9 @@ def main(argv=None, num_factors: int = 2) -> dict:
     results = {"num_images": int(count), "psnr": sums[0].item() / count, "ssim": sums[1].item() / count,
                "ssim_true_range": sums[2].item() / count,
                "lpips": sums[3].item() / count if lpips is not None else None,
-               "factors": [], "vq_ckpt": str(args.vq_ckpt), "vq_weights": model.loaded_from.weights,
-               "model": describe_tokenizer(cfg),
-               "image_size": args.image_size, "image_size_eval": size, "npz": str(out)}
+               "factors": [], "vq_ckpt": str(cfg.vq_ckpt), "vq_weights": model.loaded_from.weights,
+               "model": describe_tokenizer(tok),
+               "image_size": cfg.image_size, "image_size_eval": size, "npz": str(out)}
     for f, name in enumerate(model.factor_names):
         results["factors"].append({"name": name, **codebook_stats(hist[f])})
     if info.is_main:
@@ -192,14 +186,14 @@ def main(argv=None, num_factors: int = 2) -> dict:
                           for f in results["factors"])
         print(f"SSIM (true data range): {results['ssim_true_range']:f}; "
               f"LPIPS: {'n/a' if results['lpips'] is None else format(results['lpips'], 'f')}; {extra}")
-        (Path(args.sample_dir) / f"{args.folder_name}_results.txt").write_text(line + "\n")
+        (Path(cfg.sample_dir) / f"{cfg.folder_name}_results.txt").write_text(line + "\n")
         if fid is not None:
             scores = fid.score(pool, spatial)
-            results.update(scores._asdict(), fid_reference=args.fid_ref)
-            write_result(scores, Path(args.sample_dir) / f"{args.folder_name}.txt",
-                         Path(args.sample_dir) / "fid.jsonl", name=args.folder_name, num_samples=n,
-                         reference=args.fid_ref, vq_ckpt=str(args.vq_ckpt), inception=fid.net.describe())
-        (Path(args.sample_dir) / f"{args.folder_name}.json").write_text(json.dumps(results, indent=2) + "\n")
+            results.update(scores._asdict(), fid_reference=cfg.fid_ref)
+            write_result(scores, Path(cfg.sample_dir) / f"{cfg.folder_name}.txt",
+                         Path(cfg.sample_dir) / "fid.jsonl", name=cfg.folder_name, num_samples=n,
+                         reference=cfg.fid_ref, vq_ckpt=str(cfg.vq_ckpt), inception=fid.net.describe())
+        (Path(cfg.sample_dir) / f"{cfg.folder_name}.json").write_text(json.dumps(results, indent=2) + "\n")
         print(f"Saved {n} reconstructions to {out}")
     cleanup()
     return results

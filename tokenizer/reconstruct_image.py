@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
+from typing import Optional
 
 
 import torch
 
 from tokenizer.models import load_tokenizer
-from utils.checkpoint import CheckpointError, add_unsafe_load_argument
+from utils.argtypes import positive_int
+from utils.checkpoint import CheckpointError, unsafe_load_flag
 from utils.data import center_crop_arr, to_model_range
+from utils.flags import flag, parse
 from utils.images import open_rgb, save_grid
 
 
@@ -25,27 +29,32 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(255.0 ** 2 / mse)).item()
 
 
+@dataclass(frozen=True)
+class ImageConfig:
+    """The command line of one image's reconstruction."""
+    vq_ckpt: str = flag("", required=True, help="tokenizer checkpoint: a file (.pt or .safetensors) or "
+                                                 "hf://ZechenBai/FQGAN/fqgan_dual_ds16.pt")
+    image: str = flag("", required=True, help="any image file PIL can read")
+    out: str = flag("reconstruction.png")
+    image_size: int = flag(256, type=positive_int)
+    per_factor: bool = flag(False, help="also decode each factor alone")
+    device: Optional[str] = flag(None, help="default: cuda when available, else cpu")
+    unsafe_load: bool = unsafe_load_flag()
+
+
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vq-ckpt", required=True,
-                   help="tokenizer checkpoint: a file (.pt or .safetensors) or hf://ZechenBai/FQGAN/fqgan_dual_ds16.pt")
-    p.add_argument("--image", required=True, help="any image file PIL can read")
-    p.add_argument("--out", default="reconstruction.png")
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--per-factor", action="store_true", help="also decode each factor alone")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    add_unsafe_load_argument(p)
-    args = p.parse_args(argv)
+    args = parse(ImageConfig, argv, __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     try:
-        model = load_tokenizer(args.vq_ckpt, map_location="cpu").to(args.device)
+        model = load_tokenizer(args.vq_ckpt, map_location="cpu").to(device)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     try:
         img = center_crop_arr(open_rgb(args.image), args.image_size)
     except (OSError, ValueError) as e:
         sys.exit(f"error: --image {args.image}: cannot read it ({e})")
-    x = to_model_range(img)[None].to(args.device)
+    x = to_model_range(img)[None].to(device)
     with torch.no_grad():
         indices = model.encode_indices(x)
         panels = [x, model.decode_indices(indices)]

@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer.models.fqgan import FactorConfig, TokenizerConfig, preset_factors
-from utils.factors import PRESET_FACTORS
+from tokenizer.models.fqgan import SEMANTIC_TEACHERS, TokenizerConfig, preset_factors
+from utils.flags import flag
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -281,21 +281,19 @@ def teacher_flag(factor_name: str) -> str:
     return "--teacher-" + factor_name.replace("_", "-")
 
 
-def add_teacher_arguments(parser: argparse.ArgumentParser,
-                          factors: Optional[Sequence[FactorConfig]] = None) -> argparse.ArgumentParser:
-    """Add ``--teacher-<factor>`` (dest ``teacher_<factor>``) for every head factor of ``factors`` (default: of
-    all presets: --teacher-sem, --teacher-sem-mid, --teacher-sem-high)."""
-    if factors is None:
-        factors = [f for preset in PRESET_FACTORS for f in preset_factors(preset)]
-    seen = set()
-    for f in factors:
-        if not f.head_width or f.name in seen:
-            continue
-        seen.add(f.name)
-        parser.add_argument(teacher_flag(f.name), dest=f"teacher_{f.name}", default=None, metavar="NAME_OR_DIR",
-                            help=f"semantic teacher of factor {f.name!r}: a Hugging Face hub name or a local "
-                                 f"folder (default {f.teacher})")
-    return parser
+def teacher_field(factor_name: str):
+    """The config field of ``--teacher-<factor>`` (field ``teacher_<factor>``): a hub name or a local folder that
+    replaces the factor's default teacher."""
+    _, default = SEMANTIC_TEACHERS[factor_name]
+    return flag(None, metavar="NAME_OR_DIR", resume="ignored",
+                help=f"semantic teacher of factor {factor_name!r}: a Hugging Face hub name or a local folder "
+                     f"(default {default})")
+
+
+def teacher_fields_outside(preset: str) -> tuple[str, ...]:
+    """The ``teacher_<factor>`` fields of the factors a preset does not have (its command line leaves them out)."""
+    own = {f.name for f in preset_factors(preset)}
+    return tuple(f"teacher_{name}" for name in SEMANTIC_TEACHERS if name not in own)
 
 
 def teacher_overrides_from_args(args: argparse.Namespace, config: TokenizerConfig) -> dict[str, str]:

@@ -1,9 +1,10 @@
 """The tokenizer training loop: one implementation behind ``vq_train_dual.py`` and ``vq_train_triple.py``.
 
-Runs under ``torchrun`` (DDP; NCCL on GPUs, gloo on CPUs) or as a plain ``python`` process. ``build`` turns
-the flags into everything a run trains with (a ``Trainer``); ``main`` then runs a plain loop of
-``train_step``: each step is the original's pair of updates, the tokenizer (reconstruction, LPIPS, quantizer,
-disentanglement, semantic and, after ``--disc-start``, adversarial losses), then the discriminator.
+Runs under ``torchrun`` (DDP; NCCL on GPUs, gloo on CPUs) or as a plain ``python`` process. ``TrainConfig`` is
+the command line; ``build`` turns it into everything a run trains with (a ``Trainer``); ``utils.training.train``
+then runs the loop both trainers share, calling ``train_step``: the original's pair of updates, the tokenizer
+(reconstruction, LPIPS, quantizer, disentanglement, semantic and, after ``--disc-start``, adversarial losses),
+then the discriminator.
 
 Checkpoints are written atomically in the released layout and carry what an exact resume needs:
 ``--vq-ckpt`` (or ``--auto-resume``) continues at the saved step, mid-epoch, with the same data order,
@@ -17,7 +18,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -25,172 +26,101 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from tokenizer.losses import FQGANLoss, LossConfig, RealAndFake, build_discriminator
 from tokenizer.models import (FactorizedTokenizer, TokenizerConfig, describe_tokenizer, infer_tokenizer_config,
-                              load_tokenizer_weights, preset_factors, tokenizer_checkpoint, tokenizer_config)
-from tokenizer.teachers import (TeacherUnavailableError, Teachers, add_teacher_arguments, load_teachers,
-                                teacher_overrides_from_args)
-from utils.argtypes import finite_float, nonnegative_float, nonnegative_int, positive_float, positive_int, unit_float
-from utils.checkpoint import extract_weights
+                              load_tokenizer_weights, tokenizer_checkpoint, tokenizer_config)
+from tokenizer.teachers import (TeacherUnavailableError, Teachers, load_teachers, teacher_field,
+                                teacher_fields_outside, teacher_overrides_from_args)
+from utils.argtypes import nonnegative_float, nonnegative_int, positive_int, unit_float
 from utils.data import ResumableSampler, SafeImageDataset, collate_train, image_dataset, train_transform
 from utils.distributed import is_distributed
 from utils.ema import new_ema, update_ema
-from utils.flags import (add_compat_flags, add_compile_argument, add_precision_argument, alias, from_flags, ignored,
-                         parse_flags, require)
+from utils.flags import alias, compile_flag, config_parser, flag, ignored, parse, require
 from utils.images import save_grid
 from utils.logs import MetricWriter
-from utils.progress import MetricAverager, Throughput, report
+from utils.recipes import RECIPE_PRESETS, TOKENIZER_RECIPES
+from utils.resume import Position, resume_run
 from utils.rng import seed_everything
-from utils.run import (Checkpoints, Position, Run, RunConfig, StopSignal, add_run_arguments, check_resumed_flags,
-                       epoch_batches, fail, find_resume, finish_run, restore_position, save_run_checkpoint,
-                       start_run)
-from utils.steps import (NonFiniteGuard, accumulation, autocast_context, frozen, fused_kwargs, grad_scaler,
-                         optimizer_step)
+from utils.run import Run, RunConfig, start_run
+from utils.steps import accumulation, autocast_context, frozen, fused_kwargs, grad_scaler, optimizer_step
+from utils.training import StepOutput, run_trainer, save_run_checkpoint
 
 BAD_INPUT = (ValueError, FileNotFoundError, TeacherUnavailableError)  # one-line errors, raised by build()
-# Flags a resumed run may not change: the saved data position and weights would be read with another meaning.
-RESUME_FIXED = ("global_batch_size", "image_size", "global_seed", "vq_model", "codebook_size", "codebook_embed_dim",
-                "ch", "ch_mult", "num_res_blocks", "z_channels", "adapter_layers", "head_layers",
-                "with_clip_supervision", "disc_type")
-
-
-# The original training scripts' flags that this project spells otherwise or does not use (see utils/flags.py).
-COMPAT = (
-    alias("--with_clip_supervision", dest="with_clip_supervision", action="store_true",
-          help="= --clip-supervision"),
-    alias("--with_disentanglement", dest="with_disentanglement", action="store_true", help="= --disentanglement"),
-    ignored("--data-face-path", type=str, default=None),
-    ignored("--cloud-save-path", type=str, default=None, help="checkpoints are written to --results-dir"),
-    ignored("--dataset", type=str, default="imagenet", help="--data-path is an ImageFolder or tar shards"),
-    ignored("--weight-decay", type=float, default=5e-2, help="Adam without decay, as the original trains"),
-)
-
-
-def get_parser(preset: str) -> argparse.ArgumentParser:
-    """The original training scripts' flags with their defaults, plus this project's additions."""
-    p = argparse.ArgumentParser(description=f"Train an FQGAN-{preset} tokenizer.")
-    p.add_argument("--data-path", type=str, required=True,
-                   help="ImageFolder root of the training images, or tar shards (docs/data.md)")
-    p.add_argument("--no-local-save", action="store_true", help="do not write checkpoints (debugging)")
-    p.add_argument("--vq-model", type=str, choices=["VQ-16", "VQ-8"], default="VQ-16")
-    p.add_argument("--vq-ckpt", type=str, default=None, help="checkpoint to resume from (or to --finetune)")
-    p.add_argument("--finetune", action="store_true", help="start from --vq-ckpt's weights at step 0")
-    p.add_argument("--ema", action="store_true", help="keep an EMA of the weights (saved as 'ema')")
-    p.add_argument("--codebook-size", type=int, default=16384)
-    p.add_argument("--codebook-embed-dim", type=int, default=8)
-    p.add_argument("--codebook-l2-norm", action=argparse.BooleanOptionalAction, default=True,
-                   help="l2-normalised codes and features (--no-codebook-l2-norm: plain Euclidean codes)")
-    p.add_argument("--codebook-weight", type=nonnegative_float, default=1.0)
-    p.add_argument("--entropy-loss-ratio", type=nonnegative_float, default=0.0)
-    p.add_argument("--commit-loss-beta", type=nonnegative_float, default=0.25)
-    p.add_argument("--reconstruction-weight", type=nonnegative_float, default=1.0)
-    p.add_argument("--reconstruction-loss", type=str, choices=["l2", "l1"], default="l2")
-    p.add_argument("--perceptual-weight", type=nonnegative_float, default=1.0,
-                   help="LPIPS weight (0: no VGG needed)")
-    p.add_argument("--disc-weight", type=nonnegative_float, default=0.5)
-    p.add_argument("--disc-start", type=nonnegative_int, default=20000)
-    p.add_argument("--disc-type", type=str, choices=["patchgan", "stylegan"], default="patchgan")
-    p.add_argument("--disc-loss", type=str, choices=["hinge", "vanilla", "non-saturating"], default="hinge")
-    p.add_argument("--gen-loss", type=str, choices=["hinge", "non-saturating"], default="hinge")
-    p.add_argument("--disc-adaptive-weight", action="store_true", help="VQGAN gradient-norm GAN weighting")
-    add_compile_argument(p, False, "torch.compile the tokenizer, LPIPS and the discriminator")
-    p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
-                   help="channels-last memory layout for the convolutions (auto: on CUDA)")
-    p.add_argument("--dropout-p", type=unit_float, default=0.0)
-    p.add_argument("--results-dir", type=str, default="results_tokenizer_image")
-    p.add_argument("--exp-name", type=str, required=True)
-    p.add_argument("--image-size", type=positive_int, default=256)
-    p.add_argument("--epochs", type=positive_int, default=40)
-    p.add_argument("--lr", type=positive_float, default=1e-4)
-    p.add_argument("--beta1", type=finite_float, default=0.9)
-    p.add_argument("--beta2", type=finite_float, default=0.95)
-    p.add_argument("--max-grad-norm", type=nonnegative_float, default=1.0, help="0 disables clipping")
-    p.add_argument("--global-batch-size", type=positive_int, default=128)
-    p.add_argument("--global-seed", type=int, default=0)
-    p.add_argument("--num-workers", type=nonnegative_int, default=16)
-    p.add_argument("--log-every", type=positive_int, default=100)
-    p.add_argument("--ckpt-every", type=positive_int, default=5000)
-    p.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
-    add_precision_argument(p, "--mixed-precision", "bf16", "autocast dtype on GPU (CPU runs fp32)")
-    p.add_argument("--clip-supervision", dest="with_clip_supervision", action=argparse.BooleanOptionalAction,
-                   default=False, help="feature heads + semantic teachers (--no-clip-supervision turns a launch "
-                                       "script's default off again)")
-    p.add_argument("--disentanglement", dest="with_disentanglement", action=argparse.BooleanOptionalAction,
-                   default=False, help="the disentanglement regulariser (weight --disentanglement-ratio)")
-    p.add_argument("--semantic-weight", type=nonnegative_float, default=0.5)
-    p.add_argument("--disentanglement-ratio", type=nonnegative_float, default=0.1)
-    # this project's additions
-    add_teacher_arguments(p, preset_factors(preset))
-    p.add_argument("--teacher-image-size", type=positive_int, default=224, help="input size of the semantic teachers")
-    arch = p.add_argument_group("architecture (defaults: the paper's; smaller values for CPU runs and tests)")
-    arch.add_argument("--ch", type=int, default=128, help="base channels of the conv encoder/decoder")
-    arch.add_argument("--ch-mult", type=str, default=None,
-                      help="channel multipliers per level, e.g. 1,2,2 (default: --vq-model's)")
-    arch.add_argument("--num-res-blocks", type=int, default=2)
-    arch.add_argument("--z-channels", type=int, default=256)
-    arch.add_argument("--adapter-layers", type=int, default=6)
-    arch.add_argument("--head-layers", type=int, default=3)
-    p.add_argument("--vgg-path", type=str, default=None, help="torchvision vgg16-397923af.pth for LPIPS")
-    p.add_argument("--max-steps", type=nonnegative_int, default=0,
-                   help="stop after this many steps (0: run all epochs)")
-    p.add_argument("--image-every", type=nonnegative_int, default=0,
-                   help="PNG grid of inputs/reconstructions every N steps (default 5 x --log-every)")
-    p.add_argument("--ema-decay", type=unit_float, default=0.9999)
-    add_run_arguments(p)
-    add_compat_flags(p, COMPAT)
-    return p
+ARCH = "architecture (defaults: the paper's; smaller values for CPU runs and tests)"
 
 
 @dataclass(frozen=True)
 class TrainConfig(RunConfig):
-    """What a tokenizer run is asked to do: the command line's flags, parsed once and checked (``parse_config``).
-    Field names are the flags' (``--disc-start`` -> ``disc_start``); checkpoints store them as their ``args``."""
-    data_path: str = ""
-    vq_model: str = "VQ-16"
-    vq_ckpt: Optional[str] = None
-    finetune: bool = False
-    codebook_size: int = 16384
-    codebook_embed_dim: int = 8
-    codebook_l2_norm: bool = True
-    codebook_weight: float = 1.0
-    entropy_loss_ratio: float = 0.0
-    commit_loss_beta: float = 0.25
-    reconstruction_weight: float = 1.0
-    reconstruction_loss: str = "l2"
-    perceptual_weight: float = 1.0
-    disc_weight: float = 0.5
-    disc_start: int = 20000
-    disc_type: str = "patchgan"
-    disc_loss: str = "hinge"
-    gen_loss: str = "hinge"
-    disc_adaptive_weight: bool = False
-    compile: bool = False
-    channels_last: str = "auto"
-    dropout_p: float = 0.0
-    results_dir: str = "results_tokenizer_image"
-    image_size: int = 256
-    epochs: int = 40
-    global_batch_size: int = 128
-    num_workers: int = 16
-    with_clip_supervision: bool = False
-    with_disentanglement: bool = False
-    semantic_weight: float = 0.5
-    disentanglement_ratio: float = 0.1
-    teacher_sem: Optional[str] = None
-    teacher_sem_mid: Optional[str] = None
-    teacher_sem_high: Optional[str] = None
-    teacher_image_size: int = 224
-    ch: int = 128
-    ch_mult: Optional[str] = None  # as given ("1,2,2"): checkpoints compare it as the original string
-    num_res_blocks: int = 2
-    z_channels: int = 256
-    adapter_layers: int = 6
-    head_layers: int = 3
-    vgg_path: Optional[str] = None
-    image_every: int = 0
+    """What a tokenizer run is asked to do, and the one declaration of its command line (``parse``): each field
+    is a flag (``--disc-start`` -> ``disc_start``) with its default, check and help; checkpoints store the fields
+    as their ``args``. ``resume="fixed"`` marks what a resumed run may not change."""
+    IGNORED = (  # the original training scripts' flags that do nothing here
+        ignored("--data-face-path", type=str, default=None),
+        ignored("--cloud-save-path", type=str, default=None, help="checkpoints are written to --results-dir"),
+        ignored("--dataset", type=str, default="imagenet", help="--data-path is an ImageFolder or tar shards"),
+        ignored("--weight-decay", type=float, default=5e-2, help="Adam without decay, as the original trains"),
+    )
+    preset: str = "dual"  # the entry point's factor preset (not a flag)
+    data_path: str = flag("", required=True, help="ImageFolder root of the training images, or tar shards")
+    vq_model: str = flag("VQ-16", choices=("VQ-16", "VQ-8"), resume="fixed")
+    vq_ckpt: Optional[str] = flag(None, resume="ignored", help="checkpoint to resume from (or to --finetune)")
+    finetune: bool = flag(False, resume="ignored", help="start from --vq-ckpt's weights at step 0")
+    codebook_size: int = flag(16384, type=positive_int, resume="fixed")
+    codebook_embed_dim: int = flag(8, type=positive_int, resume="fixed")
+    codebook_l2_norm: bool = flag(True, help="l2-normalised codes and features (--no-codebook-l2-norm: plain "
+                                             "Euclidean codes)")
+    codebook_weight: float = flag(1.0, type=nonnegative_float)
+    entropy_loss_ratio: float = flag(0.0, type=nonnegative_float)
+    commit_loss_beta: float = flag(0.25, type=nonnegative_float)
+    reconstruction_weight: float = flag(1.0, type=nonnegative_float)
+    reconstruction_loss: str = flag("l2", choices=("l2", "l1"))
+    perceptual_weight: float = flag(1.0, type=nonnegative_float, help="LPIPS weight (0: no VGG needed)")
+    disc_weight: float = flag(0.5, type=nonnegative_float)
+    disc_start: int = flag(20000, type=nonnegative_int)
+    disc_type: str = flag("patchgan", choices=("patchgan", "stylegan"), resume="fixed")
+    disc_loss: str = flag("hinge", choices=("hinge", "vanilla", "non-saturating"))
+    gen_loss: str = flag("hinge", choices=("hinge", "non-saturating"))
+    disc_adaptive_weight: bool = flag(False, help="VQGAN gradient-norm GAN weighting")
+    compile: bool = compile_flag(False, "torch.compile the tokenizer, LPIPS and the discriminator")
+    channels_last: str = flag("auto", choices=("auto", "on", "off"),
+                              help="channels-last memory layout for the convolutions (auto: on CUDA)")
+    dropout_p: float = flag(0.0, type=unit_float)
+    results_dir: str = flag("results_tokenizer_image", resume="ignored", help="where run folders are made")
+    image_size: int = flag(256, type=positive_int, resume="fixed")
+    epochs: int = flag(40, type=positive_int)
+    global_batch_size: int = flag(128, type=positive_int, resume="fixed", help="images per optimizer step, all ranks")
+    num_workers: int = flag(16, type=nonnegative_int)
+    with_clip_supervision: bool = flag(
+        False, action=argparse.BooleanOptionalAction, spelling="--clip-supervision", resume="fixed",
+        aliases=(alias("--with_clip_supervision", action="store_true", help="= --clip-supervision"),),
+        help="feature heads + semantic teachers (--no-clip-supervision turns a recipe's default off again)")
+    with_disentanglement: bool = flag(
+        False, action=argparse.BooleanOptionalAction, spelling="--disentanglement",
+        aliases=(alias("--with_disentanglement", action="store_true", help="= --disentanglement"),),
+        help="the disentanglement regulariser (weight --disentanglement-ratio)")
+    semantic_weight: float = flag(0.5, type=nonnegative_float)
+    disentanglement_ratio: float = flag(0.1, type=nonnegative_float)
+    teacher_sem: Optional[str] = teacher_field("sem")
+    teacher_sem_mid: Optional[str] = teacher_field("sem_mid")
+    teacher_sem_high: Optional[str] = teacher_field("sem_high")
+    teacher_image_size: int = flag(224, type=positive_int, help="input size of the semantic teachers")
+    ch: int = flag(128, type=positive_int, group=ARCH, resume="fixed", help="base channels of the conv encoder/decoder")
+    # as given ("1,2,2"): checkpoints compare it as the original string
+    ch_mult: Optional[str] = flag(None, group=ARCH, resume="fixed",
+                                  help="channel multipliers per level, e.g. 1,2,2 (default: --vq-model's)")
+    num_res_blocks: int = flag(2, type=positive_int, group=ARCH, resume="fixed")
+    z_channels: int = flag(256, type=positive_int, group=ARCH, resume="fixed")
+    adapter_layers: int = flag(6, type=nonnegative_int, group=ARCH, resume="fixed")
+    head_layers: int = flag(3, type=nonnegative_int, group=ARCH, resume="fixed")
+    vgg_path: Optional[str] = flag(None, help="torchvision vgg16-397923af.pth for LPIPS")
+    image_every: int = flag(0, type=nonnegative_int,
+                            help="PNG grid of inputs/reconstructions every N steps (default 5 x --log-every)")
 
     def __post_init__(self):
         super().__post_init__()
         self.channel_multipliers()  # a malformed --ch-mult fails here
         require(not (self.finetune and not self.vq_ckpt), "--finetune starts from --vq-ckpt's weights: give one")
+        wanted = RECIPE_PRESETS.get(self.recipe, self.preset) if self.recipe else self.preset
+        require(wanted == self.preset, f"--recipe {self.recipe} trains an FQGAN-{wanted} tokenizer, not "
+                                       f"FQGAN-{self.preset}: use tokenizer/vq_train_{wanted}.py")
 
     def channel_multipliers(self) -> Optional[tuple[int, ...]]:
         if not self.ch_mult:
@@ -210,20 +140,29 @@ class TrainConfig(RunConfig):
         return self.image_every or 5 * self.log_every
 
 
+def command_line(preset: str) -> dict[str, Any]:
+    """How ``vq_train_<preset>.py``'s parser is derived from ``TrainConfig``: only the preset's teacher flags."""
+    return dict(description=f"Train an FQGAN-{preset} tokenizer.", exclude=teacher_fields_outside(preset))
+
+
+def get_parser(preset: str = "dual") -> argparse.ArgumentParser:
+    return config_parser(TrainConfig, **command_line(preset))
+
+
 def parse_config(argv=None, preset: str = "dual") -> TrainConfig:
     """The command line as a ``TrainConfig``: bad values stop with argparse's one-line error, bad combinations
     with a ValueError (one line in ``main``); the original's ignored flags print one line each."""
-    return from_flags(TrainConfig, parse_flags(get_parser(preset), COMPAT, argv))
+    return parse(TrainConfig, argv, **command_line(preset), recipes=TOKENIZER_RECIPES, preset=preset)
 
 
-def build_config(cfg: TrainConfig, preset: str, base_image_size: int) -> TokenizerConfig:
+def build_config(cfg: TrainConfig, base_image_size: int) -> TokenizerConfig:
     """The tokenizer config the flags describe (feature heads as wide as the preset's teachers)."""
     arch = dict(ch=cfg.ch, num_res_blocks=cfg.num_res_blocks, z_channels=cfg.z_channels,
                 adapter_layers=cfg.adapter_layers, head_layers=cfg.head_layers)
     if cfg.ch_mult:
         arch["ch_mult"] = cfg.channel_multipliers()
     return tokenizer_config(
-        preset, cfg.vq_model, codebook_size=cfg.codebook_size, codebook_embed_dim=cfg.codebook_embed_dim,
+        cfg.preset, cfg.vq_model, codebook_size=cfg.codebook_size, codebook_embed_dim=cfg.codebook_embed_dim,
         codebook_l2_norm=cfg.codebook_l2_norm, commit_loss_beta=cfg.commit_loss_beta,
         entropy_loss_ratio=cfg.entropy_loss_ratio, dropout_p=cfg.dropout_p,
         with_feature_heads=cfg.with_clip_supervision,
@@ -284,8 +223,35 @@ class Trainer:
         return save_run_checkpoint(self.run, pos, self.checkpoint(), bad_images=self.bad_images,
                                    scaler=self.scaler.state_dict(), scaler_disc=self.scaler_disc.state_dict())
 
+    # what the shared loop (utils.training.train) calls
+    project = "fqgan-tokenizer"
+    collate = staticmethod(collate_train)
 
-def build(cfg: TrainConfig, preset: str) -> Trainer:
+    def step(self, batch: Any, step: int) -> StepOutput:
+        images, _, n_bad = batch
+        images = images.to(self.run.info.device, non_blocking=True)
+        logs, skipped, recon = train_step(self, images, step)
+        self.bad_images += n_bad
+        return StepOutput(logs, skipped, len(images), preview=(images, recon))
+
+    def status(self) -> dict[str, float]:
+        return {"lr": self.optimizer.param_groups[0]["lr"], "bad_images": self.bad_images}
+
+    def progress_parts(self, avg: dict[str, float], nonfinite: int) -> list[str]:
+        return progress_parts(avg, self.model.factor_names, self.bad_images, nonfinite)
+
+    def after_step(self, pos: Position, batch: Any, out: StepOutput, writer: MetricWriter) -> None:
+        """Every --image-every steps (rank 0): a PNG grid of inputs above their reconstructions."""
+        if not self.run.info.is_main or pos.step % self.cfg.image_every_steps:
+            return
+        images, recon = out.preview
+        shown = images[-len(recon):][:8]
+        grid = save_grid(torch.cat([shown.float(), recon[:8].float()]).cpu(),
+                         self.run.exp_dir / "images" / f"{pos.step:07d}.png", nrow=len(shown))
+        writer.image("train/inputs_and_reconstructions", grid, pos.step)
+
+
+def build(cfg: TrainConfig) -> Trainer:
     """Everything the flags describe, resumed from a checkpoint when asked. Every file from outside (checkpoint,
     teachers, VGG16 weights, data) is checked here, before any training; problems raise one of BAD_INPUT."""
     run = start_run(cfg, cfg.vq_model)
@@ -293,13 +259,9 @@ def build(cfg: TrainConfig, preset: str) -> Trainer:
 
     # The checkpoint to resume from is read first: its learned positions fix the model's base image size. The run
     # folder's own checkpoints win over --vq-ckpt / --finetune, which only seed a fresh run.
-    resume = find_resume(cfg.vq_ckpt, run, "--vq-ckpt")
-    resume_path, ckpt = resume.path, resume.ckpt
-    finetune = cfg.finetune and not resume.own
-    if ckpt is not None and not finetune:
-        check_resumed_flags(ckpt, cfg.namespace(), RESUME_FIXED, resume_path, log)
-    weights = extract_weights(ckpt, resume_path, prefer=("model", "ema", "state_dict"))[0] if ckpt else None
-    config, teachers = model_and_teachers(cfg, preset, infer_tokenizer_config(weights, resume_path).base_image_size
+    resume = resume_run(cfg, run.ckpt_dir, run.exp_dir, cfg.vq_ckpt, "--vq-ckpt", log, finetune=cfg.finetune)
+    weights = resume.weights() if resume.found else None
+    config, teachers = model_and_teachers(cfg, infer_tokenizer_config(weights, resume.path).base_image_size
                                           if weights else cfg.image_size, device)
     model = FactorizedTokenizer(config)
     try:
@@ -324,36 +286,31 @@ def build(cfg: TrainConfig, preset: str) -> Trainer:
     scaler, scaler_disc = grad_scaler(device, cfg.mixed_precision), grad_scaler(device, cfg.mixed_precision)
 
     start, bad_images = Position(), 0
-    if ckpt is not None:
-        load_tokenizer_weights(model, weights, resume_path, allow_missing_heads=finetune)
+    if resume.found:
+        load_tokenizer_weights(model, weights, resume.path, allow_missing_heads=not resume.exact)
         if ema is not None:
-            load_tokenizer_weights(ema, ckpt.get("ema") or weights, resume_path, allow_missing_heads=finetune)
-        for name, obj in (("optimizer", optimizer), ("discriminator", disc), ("optimizer_disc", optimizer_disc)):
-            if name in ckpt:
-                obj.load_state_dict(ckpt[name])
-            else:
-                log.warning(f"{resume_path} has no '{name}'; it starts fresh")
-        if not finetune:
-            start, state = restore_position(ckpt, sampler.batches_per_epoch,
-                                            {"scaler": scaler, "scaler_disc": scaler_disc}, log)
-            bad_images = state.get("bad_images", 0)
-        log.info(f"Resumed from {resume_path}: step {start.step}, epoch {start.epoch}, batch {start.batch}"
-                 + (" (finetune: step counter reset)" if finetune else ""))
+            load_tokenizer_weights(ema, resume.ema_weights(), resume.path, allow_missing_heads=not resume.exact)
+        resume.load_states({"optimizer": optimizer, "discriminator": disc, "optimizer_disc": optimizer_disc}, log)
+        start, state = resume.position(sampler.batches_per_epoch, {"scaler": scaler, "scaler_disc": scaler_disc}, log)
+        bad_images = state.get("bad_images", 0)
+        resume.announce(start, log)
     elif ema is not None:
         update_ema(ema, model, decay=0)
 
     train_model, train_disc = prepare_modules(cfg, device, model, disc, loss_fn,
                                               unused=bool(config.head_factors) and not lc.semantic_weight)
+    if run.info.is_main:
+        (run.exp_dir / "images").mkdir(parents=True, exist_ok=True)
     return Trainer(cfg=cfg, run=run, config=config, model=model, train_model=train_model, ema=ema,
                    teachers=teachers, loss_fn=loss_fn, disc=disc, train_disc=train_disc, optimizer=optimizer,
                    optimizer_disc=optimizer_disc, scaler=scaler, scaler_disc=scaler_disc, dataset=dataset,
                    sampler=sampler, total_steps=total_steps, start=start, bad_images=bad_images)
 
 
-def model_and_teachers(cfg: TrainConfig, preset: str, base_image_size: int,
+def model_and_teachers(cfg: TrainConfig, base_image_size: int,
                        device: torch.device) -> tuple[TokenizerConfig, Optional[Teachers]]:
     """The tokenizer's config and, with semantic supervision, its teachers (loaded and checked here)."""
-    config, teachers = build_config(cfg, preset, base_image_size), None
+    config, teachers = build_config(cfg, base_image_size), None
     if cfg.semantic:  # heads without loss (weight 0) need no teachers
         teachers = load_teachers(config, teacher_overrides_from_args(cfg, config), check_width=False,
                                  image_size=cfg.teacher_image_size).to(device)
@@ -468,56 +425,5 @@ def progress_parts(avg: dict[str, float], factor_names: list[str], bad_images: i
 
 
 def main(argv=None, preset: str = "dual") -> Optional[Path]:
-    try:
-        cfg = parse_config(argv, preset)
-        t = build(cfg, preset)
-    except BAD_INPUT as e:
-        fail(e)
-    except KeyboardInterrupt:  # Ctrl-C before the first step: nothing to save (the stop signal is not set yet)
-        fail("interrupted while setting up the run; no checkpoint was written")
-    run, log, device = t.run, t.run.logger, t.run.info.device
-    writer = MetricWriter(run.exp_dir / "tensorboard", run.info.is_main, cfg.wandb, "fqgan-tokenizer",
-                          cfg.exp_name, cfg.namespace(), log)
-    if run.info.is_main:
-        (run.exp_dir / "images").mkdir(parents=True, exist_ok=True)
-    throughput, averager = Throughput(device), MetricAverager(device)
-    guard, stop = NonFiniteGuard(device, cfg.max_nonfinite_steps), StopSignal(cfg.stop_timeout)
-
-    log.info(f"Training for {cfg.epochs} epochs ({t.total_steps - t.start.step} steps to go)...")
-    pos, error, checkpoints = t.start, None, Checkpoints(t.save, cfg.ckpt_every, t.start)
-    batches = epoch_batches(t.start, cfg.epochs, t.dataset, t.sampler, run.micro_batch * run.accum,
-                            cfg.num_workers, collate_train, device, cfg.global_seed)
-    for epoch, done, (images, _, n_bad) in batches:
-        if pos.step >= t.total_steps:
-            break
-        images = images.to(device, non_blocking=True)
-        logs, skipped, recon = train_step(t, images, pos.step + 1)
-        pos = Position(pos.step + 1, epoch, done)
-        t.bad_images += n_bad
-        guard.update(skipped)
-        averager.add(logs)
-        throughput.update(len(images) * run.info.world_size)
-
-        if pos.step % cfg.log_every == 0 or pos.step == t.total_steps:
-            check = guard.check()
-            avg = {**averager.reduce(), "lr": t.optimizer.param_groups[0]["lr"], "bad_images": t.bad_images,
-                   "nonfinite_steps": check.skipped}
-            report(log, writer, run.metrics_file, pos.step, t.total_steps, epoch, avg,
-                   throughput.report(t.total_steps - pos.step),
-                   progress_parts(avg, t.model.factor_names, t.bad_images, check.skipped))
-            if check.error:
-                error = check.error
-                break
-        if run.info.is_main and pos.step % cfg.image_every_steps == 0:
-            shown = images[-len(recon):][:8]
-            grid = save_grid(torch.cat([shown.float(), recon[:8].float()]).cpu(),
-                             run.exp_dir / "images" / f"{pos.step:07d}.png", nrow=len(shown))
-            writer.image("train/inputs_and_reconstructions", grid, pos.step)
-        stopping = stop.requested()
-        checkpoints.after_step(pos, stopping)
-        if stopping:
-            stop.announce(log, pos.step)
-            break
-    return finish_run(pos, error, checkpoints, (writer, stop), log)
-
-
+    """``vq_train_<preset>.py``: parse, build (every input checked), train (``utils.training``)."""
+    return run_trainer(lambda: parse_config(argv, preset), build, BAD_INPUT)

@@ -36,6 +36,8 @@ from urllib.parse import unquote
 
 import torch
 
+from utils.flags import flag
+
 WEIGHT_KEYS = ("ema", "model", "state_dict")  # where checkpoints of this family keep their weights
 EMA_FIRST = WEIGHT_KEYS  # what the original reconstruction evaluation reads
 MODEL_FIRST = ("model", "state_dict", "ema")  # what the original code extraction and sampling read
@@ -94,11 +96,19 @@ class _AllowUnsafeLoad(argparse.Action):
         os.environ[UNSAFE_LOAD_ENV] = "1"
 
 
+UNSAFE_LOAD_HELP = ("read checkpoint files that hold Python objects beyond weights, which runs code inside them; "
+                    f"only for files you trust (same as {UNSAFE_LOAD_ENV}=1)")
+
+
+def unsafe_load_flag(**kw: Any) -> Any:
+    """The config field of ``--unsafe-load``: the command-line form of ``FQGAN_UNSAFE_LOAD=1`` (it changes what may
+    be read, never what is computed)."""
+    return flag(False, action=_AllowUnsafeLoad, nargs=0, help=UNSAFE_LOAD_HELP, output=False, **kw)
+
+
 def add_unsafe_load_argument(parser: argparse.ArgumentParser) -> None:
-    """``--unsafe-load``: the command-line form of ``FQGAN_UNSAFE_LOAD=1``."""
-    parser.add_argument("--unsafe-load", action=_AllowUnsafeLoad, nargs=0, default=False,
-                        help="read checkpoint files that hold Python objects beyond weights, which runs code "
-                             f"inside them; only for files you trust (same as {UNSAFE_LOAD_ENV}=1)")
+    """``--unsafe-load`` on a plain parser (the benchmarks')."""
+    parser.add_argument("--unsafe-load", action=_AllowUnsafeLoad, nargs=0, default=False, help=UNSAFE_LOAD_HELP)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -331,7 +331,7 @@ def epoch_loader(dataset, sampler, batch_size: int, num_workers: int, collate_fn
 
 def ignore_interrupt(worker_id: int) -> None:
     """Loader workers ignore SIGINT: a terminal's Ctrl-C reaches them too, and a worker that dies of it would
-    break the step the main process is finishing before its checkpoint (see utils.run.StopSignal)."""
+    break the step the main process is finishing before its checkpoint (see utils.preemption.StopSignal)."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -136,8 +136,9 @@ class ShardedNpzWriter:
             raise ValueError(f"npz members {unknown} are not among the arrays {sorted(self.arrays)}")
         self.layout = NpzLayout({k: self.arrays[k] for k in self.members}) if self.members else None
         self.partial = self.parts / "npz.partial"  # the npz until close renames it
-        key = {"arrays": {k: [list(s), d.str] for k, (s, d) in self.arrays.items()}, "members": self.members,
-               "fingerprint": fingerprint}
+        key = json.loads(json.dumps({  # compared with key.json in its JSON form (tuples read back as lists)
+            "arrays": {k: [list(s), d.str] for k, (s, d) in self.arrays.items()}, "members": self.members,
+            "fingerprint": fingerprint}))
         key_file = self.parts / "key.json"
         no_space = None
         if get_rank() == 0 and not (fingerprint is not None and key_file.is_file()

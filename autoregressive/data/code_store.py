@@ -88,7 +88,9 @@ class CodeStoreWriter:
                       (self.root / f".{labels_name}.tmp", self.root / labels_name)]
         self.progress_file = self.root / f".progress_{self.rank:05d}.json"
         shape = (count, num_augs, len(factor_names), grid[0] * grid[1])
-        self.key = {"shape": list(shape), "dtype": self.dtype.name, "fingerprint": fingerprint or {}}
+        # compared with the recorded one in its JSON form (tuples read back as lists)
+        self.key = json.loads(json.dumps({"shape": list(shape), "dtype": self.dtype.name,
+                                          "fingerprint": fingerprint or {}}))
         done = self._recorded_progress()
         if done is None:  # blocks reserved first: a full disk is one line now, not a SIGBUS through the map later
             create_npy(self.files[0][0], shape, self.dtype)

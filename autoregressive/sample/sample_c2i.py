@@ -24,9 +24,12 @@ decode attention kernel (``sdpa``, ``reductions``, ``flex``, ``triton``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -35,84 +38,99 @@ from tqdm import tqdm
 from autoregressive.models import FAR_models, describe_far, load_far
 from autoregressive.models.decode_attention import ATTENTION_KERNELS
 from autoregressive.sample.pipeline import ImageDecoder, auto_batch_size, sample_images
-from evaluations.inprocess import POOL, SPATIAL, InProcessFID, add_fid_arguments, write_result
+from evaluations.inprocess import POOL, SPATIAL, FIDFlags, InProcessFID, write_result
 from evaluations.errors import EvaluatorInputError
-from tokenizer.models import check_tokenizer_flags, describe_tokenizer, load_tokenizer
+from tokenizer.models import TokenizerFlags, check_tokenizer_flags, describe_tokenizer, load_tokenizer
 from utils.argtypes import finite_float, nonnegative_int, positive_float, positive_int, unit_float
-from utils.checkpoint import CheckpointError, add_unsafe_load_argument, weight_preference
+from utils.checkpoint import CheckpointError, unsafe_load_flag, weight_preference
 from utils.data import rank_shard
 from utils.distributed import all_gather_objects, cleanup, init_distributed
-from utils.flags import (add_compat_flags, add_compile_argument, add_precision_argument, alias, ignored, parse_flags,
-                         torch_dtype)
+from utils.flags import (COMPAT_GROUP, compile_flag, exits_on, flag, ignored, output_values, parse,
+                         precision_flag, require, torch_dtype)
 from utils.images import save_grid
 from utils.npz import ShardedNpzWriter
 from utils.runfiles import FolderInUse, FolderLock, NoSpace, checkpoint_digest
 
 
-# The original sampler's flags that this project does not use (see utils/flags.py).
-COMPAT = (
-    alias("--from-fsdp", action="store_true", help="names the output after the checkpoint's folder, as the "
-                                                   "original; our FSDP checkpoints are full state dicts"),
-    ignored("--gpt-type", type=str, choices=["c2i"], default="c2i", help="class-conditional is the only type"),
-    ignored("--cls-token-num", type=positive_int, default=1, help="the checkpoint decides"),
-)
+@dataclass(frozen=True)
+class SampleConfig(TokenizerFlags, FIDFlags):
+    """The sampler's command line. ``output=False`` marks what does not change the images (speed choices, the
+    scoring): a rerun that differs only there resumes the images already written."""
+    IGNORED = (  # the original sampler's flags that this project does not use
+        ignored("--gpt-type", type=str, choices=["c2i"], default="c2i", help="class-conditional is the only type"),
+        ignored("--cls-token-num", type=positive_int, default=1, help="the checkpoint decides"),
+    )
+    gpt_model: str = flag("FAR-B", choices=tuple(FAR_models),
+                          help="names the output; the checkpoint decides the architecture")
+    gpt_ckpt: str = flag("", required=True, help="the generator checkpoint")
+    ema: bool = flag(False, help="sample with the generator's EMA weights (default: 'model', as the original sampler)")
+    precision: str = precision_flag("bf16", "generator dtype on GPU (CPU runs fp32)")
+    compile: Optional[bool] = compile_flag(None, "torch.compile the position step and capture CUDA graphs (default: "
+                                                 "on with a GPU)", output=False)
+    vq_ema: bool = flag(False, help="decode with the tokenizer's EMA weights (default: 'model', which extraction "
+                                    "encodes with)")
+    image_size: int = flag(256, type=positive_int)
+    image_size_eval: int = flag(256, type=positive_int)
+    downsample_size: int = flag(16, type=int, choices=(4, 8, 16))
+    num_classes: int = flag(1000, type=positive_int)
+    cfg_scale: tuple[float, ...] = flag((1.5,), type=finite_float, nargs="+",
+                                        help="guidance scale: one value, or one per factor (visual first)")
+    cfg_scales: Optional[str] = flag(None, output=False,
+                                     help="a guidance sweep, e.g. 1.5,1.75,2.0: every scale (for all factors) sampled "
+                                          "in turn, each its own npz/score, in one process (replaces --cfg-scale)")
+    cfg_interval: float = flag(-1.0, type=finite_float)
+    sample_dir: str = flag("samples")
+    per_proc_batch_size: Optional[int] = flag(None, type=positive_int, output=False,
+                                              help="images generated at once per process (default: from free GPU "
+                                                   "memory; 32 on CPU)")
+    decode_batch_size: Optional[int] = flag(None, type=positive_int, output=False,
+                                            help="images decoded at once (default: 128 on GPU, 8 on CPU)")
+    decode_precision: str = precision_flag("bf16", "tokenizer decoder autocast dtype on GPU (CPU decodes in fp32)",
+                                           output=False)
+    channels_last: Optional[bool] = flag(None, action=argparse.BooleanOptionalAction, output=False,
+                                         help="decode in NHWC memory layout (default: on with a GPU)")
+    compile_decoder: Optional[bool] = compile_flag(None, "torch.compile the decoder (default: as --compile)",
+                                                   output=False)
+    decode_stream: Optional[bool] = flag(None, action=argparse.BooleanOptionalAction, output=False,
+                                         help="decode on a second CUDA stream, overlapping the next batch's "
+                                              "generation (default: on with a GPU)")
+    attention: str = flag("sdpa", choices=ATTENTION_KERNELS, output=False,
+                          help="how each position's single query attends to the KV cache (see "
+                               "autoregressive/models/decode_attention.py; a speed choice, like --compile)")
+    num_fid_samples: int = flag(50000, type=positive_int)
+    global_seed: int = flag(0, type=int)
+    top_k: tuple[int, ...] = flag((0,), type=nonnegative_int, nargs="+", help="one value or one per factor (0: off)")
+    temperature: tuple[float, ...] = flag((1.0,), type=positive_float, nargs="+", help="one value or one per factor")
+    top_p: tuple[float, ...] = flag((1.0,), type=unit_float, nargs="+", help="one value or one per factor")
+    class_balanced: bool = flag(False, help="the same number of samples for every class")
+    grid_samples: int = flag(64, type=nonnegative_int, output=False, help="how many samples the PNG grid shows")
+    name: Optional[str] = flag(None, help="output name (default: the original's naming)")
+    save_npz: bool = flag(True, action=argparse.BooleanOptionalAction, output=False,
+                          help="write the npz (--no-save-npz with --fid-ref: only the scores and the grid)")
+    unsafe_load: bool = unsafe_load_flag()
+    from_fsdp: bool = flag(False, group=COMPAT_GROUP, help="names the output after the checkpoint's folder, as the "
+                                                           "original; our FSDP checkpoints are full state dicts")
+
+    def __post_init__(self):
+        require(self.save_npz or self.fid_ref, "--no-save-npz keeps nothing but the grid without --fid-ref")
+        self.sweep  # a malformed --cfg-scales fails here
+
+    @property
+    def sweep(self) -> list[tuple[float, ...]]:
+        """The guidance scales to sample, in turn: --cfg-scales (one scale for every factor each), else --cfg-scale."""
+        if not self.cfg_scales:
+            return [self.cfg_scale]
+        try:
+            scales = [float(v) for v in self.cfg_scales.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"--cfg-scales {self.cfg_scales}: expected comma-separated numbers, e.g. "
+                             f"1.5,1.75,2.0") from None
+        require(bool(scales), f"--cfg-scales {self.cfg_scales!r}: no scale given")
+        return [(s,) for s in scales]
 
 
-def get_parser(num_factors: int) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=f"Sample {num_factors}-factor FAR images for FID.")
-    p.add_argument("--gpt-model", type=str, choices=list(FAR_models), default="FAR-B",
-                   help="names the output; the checkpoint decides the architecture")
-    p.add_argument("--gpt-ckpt", type=str, required=True)
-    p.add_argument("--ema", action="store_true", help="sample with the generator's EMA weights (default: 'model', "
-                                                      "as the original sampler)")
-    add_precision_argument(p, "--precision", "bf16", "generator dtype on GPU (CPU runs fp32)")
-    add_compile_argument(p, None, "torch.compile the position step and capture CUDA graphs (default: on with a GPU)")
-    p.add_argument("--vq-model", type=str, choices=["VQ-16", "VQ-8"], default=None, help="checked against the ckpt")
-    p.add_argument("--vq-ckpt", type=str, required=True)
-    p.add_argument("--vq-ema", action="store_true", help="decode with the tokenizer's EMA weights (default: 'model', "
-                                                         "which extraction encodes with)")
-    p.add_argument("--codebook-size", type=int, default=None, help="checked against the tokenizer checkpoint")
-    p.add_argument("--codebook-embed-dim", type=int, default=None, help="checked against the tokenizer checkpoint")
-    p.add_argument("--image-size", type=positive_int, default=256)
-    p.add_argument("--image-size-eval", type=positive_int, default=256)
-    p.add_argument("--downsample-size", type=int, choices=[4, 8, 16], default=16)
-    p.add_argument("--num-classes", type=positive_int, default=1000)
-    p.add_argument("--cfg-scale", type=finite_float, nargs="+", default=[1.5],
-                   help="guidance scale: one value, or one per factor (visual first)")
-    p.add_argument("--cfg-scales", type=str, default=None,
-                   help="a guidance sweep, e.g. 1.5,1.75,2.0: every scale (for all factors) sampled in turn, each "
-                        "its own npz/score, in one process (replaces --cfg-scale)")
-    p.add_argument("--cfg-interval", type=finite_float, default=-1)
-    p.add_argument("--sample-dir", type=str, default="samples")
-    p.add_argument("--per-proc-batch-size", type=positive_int, default=None,
-                   help="images generated at once per process (default: from free GPU memory; 32 on CPU)")
-    p.add_argument("--decode-batch-size", type=positive_int, default=None,
-                   help="images decoded at once (default: 128 on GPU, 8 on CPU)")
-    add_precision_argument(p, "--decode-precision", "bf16", "tokenizer decoder autocast dtype on GPU (CPU "
-                                                            "decodes in fp32)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode in NHWC memory layout (default: on with a GPU)")
-    add_compile_argument(p, None, "torch.compile the decoder (default: as --compile)", "--compile-decoder")
-    p.add_argument("--decode-stream", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode on a second CUDA stream, overlapping the next batch's generation (default: on "
-                        "with a GPU)")
-    p.add_argument("--attention", default="sdpa", choices=ATTENTION_KERNELS,
-                   help="how each position's single query attends to the KV cache (see "
-                        "autoregressive/models/decode_attention.py; a speed choice, like --compile)")
-    p.add_argument("--num-fid-samples", type=positive_int, default=50000)
-    p.add_argument("--global-seed", type=int, default=0)
-    p.add_argument("--top-k", type=nonnegative_int, nargs="+", default=[0], help="one value or one per factor (0: off)")
-    p.add_argument("--temperature", type=positive_float, nargs="+", default=[1.0], help="one value or one per factor")
-    p.add_argument("--top-p", type=unit_float, nargs="+", default=[1.0], help="one value or one per factor")
-    p.add_argument("--class-balanced", action="store_true", help="the same number of samples for every class")
-    p.add_argument("--grid-samples", type=nonnegative_int, default=64, help="how many samples the PNG grid shows")
-    p.add_argument("--name", type=str, default=None, help="output name (default: the original's naming)")
-    add_fid_arguments(p)
-    p.add_argument("--save-npz", action=argparse.BooleanOptionalAction, default=True,
-                   help="write the npz (--no-save-npz with --fid-ref: only the scores and the grid)")
-    add_unsafe_load_argument(p)
-    add_compat_flags(p, COMPAT)
-    return p
+def parse_config(argv=None, num_factors: int = 2) -> SampleConfig:
+    return parse(SampleConfig, argv, f"Sample {num_factors}-factor FAR images for FID.")
 
 
 def _one_or_list(values):
@@ -140,10 +158,9 @@ def sample_labels(n: int, num_classes: int, seed: int, balanced: bool) -> np.nda
 @torch.no_grad()  # evaluation only (and leaves grad mode alone for in-process callers)
 def main(argv=None, num_factors: int = 2):
     """The npz path (None with --no-save-npz); a list of them for a --cfg-scales sweep."""
-    args = parse_flags(get_parser(num_factors), COMPAT, argv)
-    sweep = parse_scales(args.cfg_scales) if args.cfg_scales else [list(args.cfg_scale)]
-    if not args.save_npz and not args.fid_ref:
-        sys.exit("error: --no-save-npz keeps nothing but the grid without --fid-ref")
+    with exits_on(ValueError):
+        args = parse_config(argv, num_factors)
+    sweep = args.sweep
     info = init_distributed()
     device = info.device
     log = print if info.is_main else (lambda *a, **k: None)
@@ -196,8 +213,6 @@ def main(argv=None, num_factors: int = 2):
                                  -(-n // info.world_size), decode_batch, args.image_size)
         batch = choice.batch
         log(f"--per-proc-batch-size {batch} ({choice.reason})")
-    if batch < 1 or decode_batch < 1:
-        sys.exit("error: --per-proc-batch-size and --decode-batch-size must be >= 1")
     decode_batch = min(decode_batch, batch)  # a batch never needs more
     decoder = ImageDecoder(tokenizer, grid, size, decode_batch, decode_dtype,
                            channels_last=cuda if args.channels_last is None else args.channels_last,
@@ -205,8 +220,8 @@ def main(argv=None, num_factors: int = 2):
                            stream=torch.cuda.Stream(device) if cuda and args.decode_stream is not False else None)
     outs, rows = [], []
     for scales in sweep:  # one model, decoder and compiled step for every scale: the scale is data
-        args.cfg_scale = scales
-        out, result = _sample_one(args, info, far, tokenizer, decoder, fid, labels, mine, batch, compile)
+        out, result = _sample_one(dataclasses.replace(args, cfg_scale=scales), info, far, tokenizer, decoder, fid,
+                                  labels, mine, batch, compile)
         outs.append(out)
         if result is not None:
             rows.append((_one_or_list(scales), result))
@@ -219,16 +234,6 @@ def main(argv=None, num_factors: int = 2):
     return outs[0] if len(outs) == 1 else outs
 
 
-def parse_scales(text: str) -> list[list[float]]:
-    try:
-        scales = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        sys.exit(f"error: --cfg-scales {text}: expected comma-separated numbers, e.g. 1.5,1.75,2.0")
-    if not scales:
-        sys.exit(f"error: --cfg-scales {text!r}: no scale given")
-    return [[s] for s in scales]
-
-
 def _sample_one(args, info, far, tokenizer, decoder, fid: InProcessFID | None, labels: np.ndarray,
                 mine: np.ndarray, batch: int, compile: bool):
     """Sample (and score) the images of ``args.cfg_scale``: (the npz path or None, the EvalResult or None)."""
@@ -239,11 +244,7 @@ def _sample_one(args, info, far, tokenizer, decoder, fid: InProcessFID | None, l
         name = f"{args.name}-cfg-{'_'.join(map(str, args.cfg_scale))}"
     out = Path(args.sample_dir) / f"{name}.npz"
     # What the images depend on: a killed run rerun with the same command continues where each rank stopped.
-    fingerprint = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())
-                   if k not in ("per_proc_batch_size", "decode_batch_size", "grid_samples", "compile",
-                                "attention", "compile_decoder", "channels_last", "decode_stream", "decode_precision",
-                                "cfg_scales", "fid_ref", "inception_graph", "fid_batch_size", "save_npz")}
-    fingerprint["world_size"] = info.world_size
+    fingerprint = {**output_values(args), "world_size": info.world_size}
     # keyed by the checkpoints' content: one replaced at the same path starts afresh (a moved one resumes)
     fingerprint.update(gpt_ckpt=checkpoint_digest(args.gpt_ckpt), vq_ckpt=checkpoint_digest(args.vq_ckpt))
     try:  # one sampling run per output: rank 0 holds <sample-dir>/.<name>.npz.lock until it ends

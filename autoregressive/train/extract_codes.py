@@ -8,52 +8,48 @@ Unreadable images are skipped (stored with label -1, which the loader leaves out
 """
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 
 import torch
 import torchvision.transforms.functional as TF
 from tqdm import tqdm
 
 from autoregressive.data.code_store import CodeStoreWriter
-from tokenizer.models import check_tokenizer_flags, describe_tokenizer, load_tokenizer
+from tokenizer.models import TokenizerFlags, check_tokenizer_flags, describe_tokenizer, load_tokenizer
 from utils.argtypes import nonnegative_int, positive_float, positive_int
-from utils.checkpoint import CheckpointError, add_unsafe_load_argument, weight_preference
+from utils.checkpoint import CheckpointError, unsafe_load_flag, weight_preference
 from utils.data import center_crop_arr, eval_batches, image_dataset, rank_shard, to_model_range
 from utils.distributed import all_gather_objects, all_reduce_sum, cleanup, init_distributed
-from utils.flags import add_compat_flags, ignored, parse_flags
+from utils.flags import flag, ignored, output_values, parse
 from utils.runfiles import FolderInUse, FolderLock, NoSpace, checkpoint_digest
 
 
-# The original extraction's flags that do nothing here.
-COMPAT = (
-    ignored("--dataset", type=str, default="imagenet", help="--data-path is read as an ImageFolder or tar shards"),
-    ignored("--debug", action="store_true"),
-)
+@dataclass(frozen=True)
+class ExtractConfig(TokenizerFlags):
+    """The command line of code extraction. ``output=False`` marks what does not change the codes: a rerun that
+    differs only there resumes the codes already written."""
+    IGNORED = (  # the original extraction's flags that do nothing here
+        ignored("--dataset", type=str, default="imagenet", help="--data-path is read as an ImageFolder or tar shards"),
+        ignored("--debug", action="store_true"),
+    )
+    data_path: str = flag("", required=True, help="ImageFolder root of the images to encode, or tar shards")
+    code_path: str = flag("", required=True, output=False, help="the code store to write")
+    ema: bool = flag(False, help="encode with the tokenizer's EMA weights (default: 'model', as the original "
+                                 "extraction)")
+    image_size: int = flag(256, type=positive_int)
+    ten_crop: bool = flag(False, help="store ten crops per image (else centre crop + flip)")
+    crop_range: float = flag(1.1, type=positive_float, help="centre crop to image_size * crop_range first")
+    global_seed: int = flag(0, type=int, output=False, help="(nothing is random: the views are fixed crops)")
+    num_workers: int = flag(4, type=nonnegative_int, output=False)
+    batch_size: int = flag(16, type=positive_int, output=False,
+                           help="images per forward pass (each with all its views)")
+    num_images: int = flag(0, type=nonnegative_int, help="only the first N images (0: all)")
+    unsafe_load: bool = unsafe_load_flag()
 
 
-def get_parser(num_factors: int) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=f"Extract {num_factors}-factor tokenizer codes for FAR training.")
-    p.add_argument("--data-path", type=str, required=True)
-    p.add_argument("--code-path", type=str, required=True)
-    p.add_argument("--vq-model", type=str, choices=["VQ-16", "VQ-8"], default=None, help="checked against the ckpt")
-    p.add_argument("--vq-ckpt", type=str, required=True)
-    p.add_argument("--ema", action="store_true",
-                   help="encode with the tokenizer's EMA weights (default: 'model', as the original extraction)")
-    p.add_argument("--codebook-size", type=int, default=None, help="checked against the checkpoint")
-    p.add_argument("--codebook-embed-dim", type=int, default=None, help="checked against the checkpoint")
-    p.add_argument("--image-size", type=positive_int, default=256)
-    p.add_argument("--ten-crop", action="store_true", help="store ten crops per image (else centre crop + flip)")
-    p.add_argument("--crop-range", type=positive_float, default=1.1,
-                   help="centre crop to image_size * crop_range first")
-    p.add_argument("--global-seed", type=int, default=0)
-    p.add_argument("--num-workers", type=nonnegative_int, default=4)
-    p.add_argument("--batch-size", type=positive_int, default=16,
-                   help="images per forward pass (each with all its views)")
-    p.add_argument("--num-images", type=nonnegative_int, default=0, help="only the first N images (0: all)")
-    add_unsafe_load_argument(p)
-    add_compat_flags(p, COMPAT)
-    return p
+def parse_config(argv=None, num_factors: int = 2) -> ExtractConfig:
+    return parse(ExtractConfig, argv, f"Extract {num_factors}-factor tokenizer codes for FAR training.")
 
 
 def views_transform(image_size: int, ten_crop: bool, crop_range: float):
@@ -71,47 +67,46 @@ def views_transform(image_size: int, ten_crop: bool, crop_range: float):
 
 @torch.no_grad()  # evaluation only (and leaves grad mode alone for in-process callers)
 def main(argv=None, num_factors: int = 2) -> None:
-    args = parse_flags(get_parser(num_factors), COMPAT, argv)
+    cfg = parse_config(argv, num_factors)
     info = init_distributed()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     log = print if info.is_main else (lambda *a, **k: None)
     try:
         # The original extraction reads the "model" weights (not "ema"); so do we, for identical codes.
-        model = load_tokenizer(args.vq_ckpt, expect_factors=num_factors, prefer=weight_preference(args.ema))
-        check_tokenizer_flags(args, model)
-        dataset = image_dataset(args.data_path, views_transform(args.image_size, args.ten_crop, args.crop_range),
-                                args.image_size)
+        model = load_tokenizer(cfg.vq_ckpt, expect_factors=num_factors, prefer=weight_preference(cfg.ema))
+        check_tokenizer_flags(cfg, model)
+        dataset = image_dataset(cfg.data_path, views_transform(cfg.image_size, cfg.ten_crop, cfg.crop_range),
+                                cfg.image_size)
         # One extraction per code store: rank 0 holds its lock until the process ends.
-        lock = FolderLock(args.code_path, "code store") if info.is_main else None
+        lock = FolderLock(cfg.code_path, "code store") if info.is_main else None
         error = None
     except (CheckpointError, FileNotFoundError, FolderInUse) as e:
         error = str(e)
     error = next((e for e in all_gather_objects(error) if e), None)  # every rank stops with the same line
     if error:
         sys.exit(f"error: {error}")
-    vq_digest = checkpoint_digest(args.vq_ckpt)  # progress is keyed by the checkpoint's content, not its path
+    vq_digest = checkpoint_digest(cfg.vq_ckpt)  # progress is keyed by the checkpoint's content, not its path
     model = model.to(info.device)
     log(f"Extracting codes with {describe_tokenizer(model.config)} from {model.loaded_from}")
-    n = min(len(dataset), args.num_images) if args.num_images else len(dataset)
+    n = min(len(dataset), cfg.num_images) if cfg.num_images else len(dataset)
     shard = rank_shard(n, info.rank, info.world_size)
-    num_views = 10 if args.ten_crop else 2
-    grid = (args.image_size // model.config.downsample,) * 2
+    num_views = 10 if cfg.ten_crop else 2
+    grid = (cfg.image_size // model.config.downsample,) * 2
     # What the codes depend on: a killed extraction rerun with the same command continues where it stopped.
-    fingerprint = {"vq_ckpt_sha256": vq_digest, "vq_weights": model.loaded_from.weights,
-                   "data_path": str(args.data_path), "images": n, "image_size": args.image_size,
-                   "ten_crop": args.ten_crop, "crop_range": args.crop_range, "world_size": info.world_size}
+    fingerprint = {**output_values(cfg), "vq_ckpt": vq_digest, "vq_weights": model.loaded_from.weights,
+                   "images": n, "world_size": info.world_size}
     try:
-        writer = CodeStoreWriter(args.code_path, len(shard), num_views, model.factor_names, grid,
+        writer = CodeStoreWriter(cfg.code_path, len(shard), num_views, model.factor_names, grid,
                                  model.config.codebook_size, fingerprint)
     except NoSpace as e:
         sys.exit(f"error: {e}")
     if writer.filled:
         print(f"rank {info.rank}: resuming an interrupted extraction after {writer.filled} of {len(shard)} images")
     todo = shard[writer.filled:]
-    batches = eval_batches(dataset, todo, args.batch_size, args.num_workers, allow_bad=True)
+    batches = eval_batches(dataset, todo, cfg.batch_size, cfg.num_workers, allow_bad=True)
     skipped = torch.tensor([writer.state.get("skipped", 0)], dtype=torch.long)
-    for x, y, _, bad in tqdm(batches, total=-(-len(todo) // args.batch_size), disable=not info.is_main,
+    for x, y, _, bad in tqdm(batches, total=-(-len(todo) // cfg.batch_size), disable=not info.is_main,
                              desc="codes"):
         b = len(x)
         skipped += int(bad.sum())
@@ -122,13 +117,13 @@ def main(argv=None, num_factors: int = 2) -> None:
                      {"skipped": int(skipped)})
     all_reduce_sum(skipped)
     writer.close(num_classes=len(dataset.classes), extra={
-        "vq_ckpt": str(args.vq_ckpt), "vq_ckpt_sha256": vq_digest, "vq_weights": model.loaded_from.weights,
+        "vq_ckpt": str(cfg.vq_ckpt), "vq_ckpt_sha256": vq_digest, "vq_weights": model.loaded_from.weights,
         "tokenizer": describe_tokenizer(model.config),
-        "image_size": args.image_size, "ten_crop": args.ten_crop, "crop_range": args.crop_range,
-        "data_path": str(args.data_path), "skipped": int(skipped.item()), "classes": dataset.classes})
+        "image_size": cfg.image_size, "ten_crop": cfg.ten_crop, "crop_range": cfg.crop_range,
+        "data_path": str(cfg.data_path), "skipped": int(skipped.item()), "classes": dataset.classes})
     if skipped.item():
         log(f"Skipped {int(skipped.item())} unreadable images")
-    log(f"Saved codes of {n - int(skipped.item())} images x {num_views} views to {args.code_path}")
+    log(f"Saved codes of {n - int(skipped.item())} images x {num_views} views to {cfg.code_path}")
     if lock is not None:
         lock.release(remove=True)  # the finished store holds nothing but its files
     cleanup()

@@ -2,18 +2,18 @@
 ``train_c2i_triple.py`` (which only fix the factor count).
 
 DDP by default, FSDP2 (``--fsdp``, ``fully_shard`` per transformer block) for FAR-L and larger; AdamW with weight
-decay on matrices only; bf16 autocast on GPU; gradient clipping and accumulation; optional EMA. ``build`` turns
-the flags into a ``Trainer``; ``main`` runs a plain loop of ``train_step``. Checkpoints are atomic, use the
+decay on matrices only; bf16 autocast on GPU; gradient clipping and accumulation; optional EMA. ``TrainConfig`` is
+the command line; ``build`` turns it into a ``Trainer``; ``utils.training.train`` runs the loop both trainers
+share, calling ``train_step``. Checkpoints are atomic, use the
 released key names (``model``, ``ema``, ``optimizer``, ``steps``, ``args``) and carry what an exact resume needs
 (epoch position and every rank's RNG state, which drives label and token dropout). SIGTERM or SIGUSR1
 (preemption) stops every rank after its current step with such a checkpoint; non-finite steps are skipped.
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -22,98 +22,49 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from autoregressive.data.code_store import CodeDataset, collate_codes
 from autoregressive.models import FAR, FAR_models, describe_far, far_checkpoint, far_config, load_far_weights
 from autoregressive.models.far import FARConfig, TransformerBlock
-from utils.argtypes import finite_float, nonnegative_float, nonnegative_int, positive_float, positive_int, unit_float
-from utils.checkpoint import extract_weights
+from utils.argtypes import nonnegative_float, nonnegative_int, positive_int, unit_float
 from utils.data import ResumableSampler
 from utils.distributed import is_distributed
 from utils.ema import new_ema, update_ema
 from utils.factors import preset_name
-from utils.flags import (add_compat_flags, add_compile_argument, add_precision_argument, from_flags, ignored,
-                         parse_flags, require)
+from utils.flags import compile_flag, flag, ignored, parse, require
 from utils.logs import MetricWriter
-from utils.progress import MetricAverager, Throughput, report
+from utils.recipes import FAR_RECIPES
+from utils.resume import Position, resume_run
 from utils.rng import seed_everything
-from utils.run import (Checkpoints, Position, Run, RunConfig, StopSignal, add_run_arguments, check_resumed_flags,
-                       epoch_batches, fail, find_resume, finish_run, restore_position, save_run_checkpoint,
-                       start_run)
-from utils.steps import (NonFiniteGuard, accumulation, autocast_context, fused_kwargs, grad_scaler,
-                         optimizer_step)
+from utils.run import Run, RunConfig, start_run
+from utils.steps import accumulation, autocast_context, fused_kwargs, grad_scaler, optimizer_step
+from utils.training import StepOutput, run_trainer, save_run_checkpoint
 
 BAD_INPUT = (ValueError, FileNotFoundError)  # one-line errors, raised by build() (CodeStoreError included)
-# Flags a resumed run may not change: the saved data position and weights would be read with another meaning.
-RESUME_FIXED = ("global_batch_size", "image_size", "downsample_size", "global_seed", "gpt_model", "vocab_size",
-                "num_classes", "cls_token_num")
-
-
-# The original training scripts' flags that this project does not use (see utils/flags.py).
-COMPAT = (
-    ignored("--gpt-type", type=str, choices=["c2i"], default="c2i", help="class-conditional is the only type"),
-    ignored("--dataset", type=str, default="imagenet_code", help="--code-path is a code store"),
-)
-
-
-def get_parser(num_factors: int) -> argparse.ArgumentParser:
-    name = preset_name(num_factors)
-    p = argparse.ArgumentParser(description=f"Train a class-conditional FAR generator on {name} codes.")
-    p.add_argument("--code-path", type=str, required=True, help="code store from extract_codes_c2i_*_code.py")
-    p.add_argument("--exp-name", type=str, required=True)
-    p.add_argument("--no-local-save", action="store_true")
-    p.add_argument("--gpt-model", type=str, choices=list(FAR_models), default="FAR-B")
-    p.add_argument("--gpt-ckpt", type=str, default=None, help="checkpoint to resume from")
-    p.add_argument("--vocab-size", type=positive_int, default=16384)
-    p.add_argument("--ema", action="store_true")
-    p.add_argument("--cls-token-num", type=positive_int, default=1)
-    p.add_argument("--dropout-p", type=unit_float, default=0.1, help="residual and FFN dropout")
-    p.add_argument("--token-dropout-p", type=unit_float, default=0.1)
-    p.add_argument("--drop-path-rate", type=unit_float, default=0.0, help="stochastic depth (turns dropout-p off)")
-    add_compile_argument(p, True, "torch.compile the model on GPU (CPU runs never compile)")
-    p.add_argument("--results-dir", type=str, default="results")
-    p.add_argument("--image-size", type=positive_int, default=256)
-    p.add_argument("--downsample-size", type=int, choices=[4, 8, 16], default=16)
-    p.add_argument("--num-classes", type=positive_int, default=1000)
-    p.add_argument("--epochs", type=positive_int, default=300)
-    p.add_argument("--lr", type=positive_float, default=1e-4)
-    p.add_argument("--weight-decay", type=nonnegative_float, default=5e-2)
-    p.add_argument("--beta1", type=finite_float, default=0.9)
-    p.add_argument("--beta2", type=finite_float, default=0.95)
-    p.add_argument("--max-grad-norm", type=nonnegative_float, default=1.0)
-    p.add_argument("--global-batch-size", type=positive_int, default=256)
-    p.add_argument("--global-seed", type=int, default=0)
-    p.add_argument("--num-workers", type=nonnegative_int, default=4,
-                   help="loader workers (the code store rarely needs any)")
-    p.add_argument("--log-every", type=positive_int, default=100)
-    p.add_argument("--ckpt-every", type=positive_int, default=5000)
-    p.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
-    add_precision_argument(p, "--mixed-precision", "bf16", "autocast dtype on GPU (CPU runs fp32)")
-    # this project's additions
-    p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state (FSDP)")
-    p.add_argument("--max-steps", type=nonnegative_int, default=0, help="stop after this many steps (0: all epochs)")
-    p.add_argument("--ema-decay", type=unit_float, default=0.9999)
-    add_run_arguments(p)
-    add_compat_flags(p, COMPAT)
-    return p
 
 
 @dataclass(frozen=True)
 class TrainConfig(RunConfig):
-    """What a FAR run is asked to do: the command line's flags, parsed once and checked (``parse_config``).
-    Field names are the flags' (``--gpt-model`` -> ``gpt_model``); checkpoints store them as their ``args``."""
-    code_path: str = ""
-    gpt_model: str = "FAR-B"
-    gpt_ckpt: Optional[str] = None
-    vocab_size: int = 16384
-    cls_token_num: int = 1
-    dropout_p: float = 0.1
-    token_dropout_p: float = 0.1
-    drop_path_rate: float = 0.0
-    compile: bool = True
-    image_size: int = 256
-    downsample_size: int = 16
-    num_classes: int = 1000
-    epochs: int = 300
-    weight_decay: float = 5e-2
-    num_workers: int = 4
-    fsdp: bool = False
+    """What a FAR run is asked to do, and the one declaration of its command line (``parse_config``): each field is
+    a flag (``--gpt-model`` -> ``gpt_model``); checkpoints store the fields as their ``args``.
+    ``resume="fixed"`` marks what a resumed run may not change."""
+    IGNORED = (  # the original training scripts' flags that this project does not use
+        ignored("--gpt-type", type=str, choices=["c2i"], default="c2i", help="class-conditional is the only type"),
+        ignored("--dataset", type=str, default="imagenet_code", help="--code-path is a code store"),
+    )
+    num_factors: int = 2  # the entry point's factor count (not a flag)
+    code_path: str = flag("", required=True, help="code store from extract_codes_c2i_*_code.py")
+    gpt_model: str = flag("FAR-B", choices=tuple(FAR_models), resume="fixed")
+    gpt_ckpt: Optional[str] = flag(None, resume="ignored", help="checkpoint to resume from")
+    vocab_size: int = flag(16384, type=positive_int, resume="fixed")
+    cls_token_num: int = flag(1, type=positive_int, resume="fixed")
+    dropout_p: float = flag(0.1, type=unit_float, help="residual and FFN dropout")
+    token_dropout_p: float = flag(0.1, type=unit_float)
+    drop_path_rate: float = flag(0.0, type=unit_float, help="stochastic depth (turns dropout-p off)")
+    compile: bool = compile_flag(True, "torch.compile the model on GPU (CPU runs never compile)")
+    image_size: int = flag(256, type=positive_int, resume="fixed")
+    downsample_size: int = flag(16, type=int, choices=(4, 8, 16), resume="fixed")
+    num_classes: int = flag(1000, type=positive_int, resume="fixed")
+    epochs: int = flag(300, type=positive_int)
+    weight_decay: float = flag(5e-2, type=nonnegative_float)
+    num_workers: int = flag(4, type=nonnegative_int, help="loader workers (the code store rarely needs any)")
+    fsdp: bool = flag(False, help="shard parameters, gradients and optimizer state (FSDP)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -131,7 +82,8 @@ class TrainConfig(RunConfig):
 def parse_config(argv=None, num_factors: int = 2) -> TrainConfig:
     """The command line as a ``TrainConfig``: bad values stop with argparse's one-line error, bad combinations
     with a ValueError (one line in ``main``); the original's ignored flags print one line each."""
-    return from_flags(TrainConfig, parse_flags(get_parser(num_factors), COMPAT, argv))
+    return parse(TrainConfig, argv, f"Train a class-conditional FAR generator on {preset_name(num_factors)} codes.",
+                 recipes=FAR_RECIPES, num_factors=num_factors)
 
 
 def create_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -199,14 +151,34 @@ class Trainer:
         ckpt["model"] = weights
         return save_run_checkpoint(self.run, pos, ckpt, scaler=self.scaler.state_dict())
 
+    # what the shared loop (utils.training.train) calls
+    project = "fqgan-far"
+    collate = staticmethod(collate_codes)
 
-def build(cfg: TrainConfig, num_factors: int) -> Trainer:
+    def step(self, batch: Any, step: int) -> StepOutput:
+        codes, labels = batch
+        device = self.run.info.device
+        logs, skipped = train_step(self, codes.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+        return StepOutput(logs, skipped, len(codes))
+
+    def status(self) -> dict[str, float]:
+        return {"lr": self.optimizer.param_groups[0]["lr"]}
+
+    def progress_parts(self, avg: dict[str, float], nonfinite: int) -> list[str]:
+        return ([f"loss={avg['loss']:.4f}"] + [f"{n}={avg[f'loss_{n}']:.4f}" for n in self.config.factor_names]
+                + [f"grad={avg['grad_norm']:.3f}"] + ([f"skipped {nonfinite} non-finite steps"] if nonfinite else []))
+
+    def after_step(self, pos: Position, batch: Any, out: StepOutput, writer: MetricWriter) -> None:
+        pass
+
+
+def build(cfg: TrainConfig) -> Trainer:
     """Everything the flags describe, resumed from a checkpoint when asked; problems raise one of BAD_INPUT."""
     run = start_run(cfg, cfg.gpt_model)
     device, world, log = run.info.device, run.info.world_size, run.logger
     if cfg.fsdp and not is_distributed():
         raise ValueError("--fsdp needs a torchrun launch (several processes)")
-    dataset = CodeDataset(cfg.code_path, seed=cfg.global_seed, expect_factors=num_factors,
+    dataset = CodeDataset(cfg.code_path, seed=cfg.global_seed, expect_factors=cfg.num_factors,
                           vocab_size=cfg.vocab_size)
     grid = cfg.grid
     if dataset.info.tokens != grid * grid:
@@ -223,7 +195,7 @@ def build(cfg: TrainConfig, num_factors: int) -> Trainer:
         raise ValueError(f"--code-path {cfg.code_path}: {e}") from None
     total_steps = cfg.total_steps(sampler.batches_per_epoch)
     dropout = 0.0 if cfg.drop_path_rate > 0 else cfg.dropout_p
-    config = far_config(cfg.gpt_model, num_factors, vocab_size=cfg.vocab_size, block_size=grid * grid,
+    config = far_config(cfg.gpt_model, cfg.num_factors, vocab_size=cfg.vocab_size, block_size=grid * grid,
                         num_classes=cfg.num_classes, cls_token_num=cfg.cls_token_num,
                         resid_dropout_p=dropout, ffn_dropout_p=dropout, token_dropout_p=cfg.token_dropout_p,
                         drop_path_rate=cfg.drop_path_rate)
@@ -236,21 +208,18 @@ def build(cfg: TrainConfig, num_factors: int) -> Trainer:
     scaler = grad_scaler(device, cfg.mixed_precision)
 
     # The run folder's own checkpoints win over --gpt-ckpt, which only seeds a fresh run.
-    resume = find_resume(cfg.gpt_ckpt, run, "--gpt-ckpt")
-    resume_path, ckpt = resume.path, resume.ckpt
+    resume = resume_run(cfg, run.ckpt_dir, run.exp_dir, cfg.gpt_ckpt, "--gpt-ckpt", log)
     start, opt_state = Position(), None
-    if ckpt is not None:
-        check_resumed_flags(ckpt, cfg.namespace(), RESUME_FIXED, resume_path, log)
-        weights, _ = extract_weights(ckpt, resume_path, prefer=("model", "ema", "state_dict"))
-        load_far_weights(model, weights, resume_path)
+    if resume.found:
+        load_far_weights(model, resume.weights(), resume.path)
         if ema is not None:
-            load_far_weights(ema, ckpt.get("ema") or weights, resume_path)
-        opt_state = ckpt.get("optimizer")
-        start, _ = restore_position(ckpt, sampler.batches_per_epoch, {"scaler": scaler}, log)
-        log.info(f"Resumed from {resume_path}: step {start.step}, epoch {start.epoch}, batch {start.batch}")
-        del ckpt, weights
+            load_far_weights(ema, resume.ema_weights(), resume.path)
+        opt_state = resume.ckpt.get("optimizer")  # loaded after sharding, below
+        start, _ = resume.position(sampler.batches_per_epoch, {"scaler": scaler}, log)
+        resume.announce(start, log)
     elif ema is not None:
         update_ema(ema, model, decay=0)
+    del resume  # the checkpoint's tensors: not kept beside the model for the whole run
 
     if cfg.fsdp:
         shard_fsdp(model)
@@ -290,46 +259,5 @@ def train_step(t: Trainer, codes: torch.Tensor, labels: torch.Tensor) -> tuple[d
 
 
 def main(argv=None, num_factors: int = 2) -> Optional[Path]:
-    try:
-        cfg = parse_config(argv, num_factors)
-        t = build(cfg, num_factors)
-    except BAD_INPUT as e:
-        fail(e)
-    except KeyboardInterrupt:  # Ctrl-C before the first step: nothing to save (the stop signal is not set yet)
-        fail("interrupted while setting up the run; no checkpoint was written")
-    run, log, device = t.run, t.run.logger, t.run.info.device
-    writer = MetricWriter(run.exp_dir / "tensorboard", run.info.is_main, cfg.wandb, "fqgan-far", cfg.exp_name,
-                          cfg.namespace(), log)
-    throughput, averager = Throughput(device), MetricAverager(device)
-    guard, stop = NonFiniteGuard(device, cfg.max_nonfinite_steps), StopSignal(cfg.stop_timeout)
-
-    log.info(f"Training for {cfg.epochs} epochs ({t.total_steps - t.start.step} steps to go)...")
-    pos, error, checkpoints = t.start, None, Checkpoints(t.save, cfg.ckpt_every, t.start)
-    batches = epoch_batches(t.start, cfg.epochs, t.dataset, t.sampler, run.micro_batch * run.accum,
-                            cfg.num_workers, collate_codes, device, cfg.global_seed)
-    for epoch, done, (codes, labels) in batches:
-        if pos.step >= t.total_steps:
-            break
-        logs, skipped = train_step(t, codes.to(device, non_blocking=True), labels.to(device, non_blocking=True))
-        pos = Position(pos.step + 1, epoch, done)
-        guard.update(skipped)
-        averager.add(logs)
-        throughput.update(len(codes) * run.info.world_size)
-
-        if pos.step % cfg.log_every == 0 or pos.step == t.total_steps:
-            check = guard.check()
-            avg = {**averager.reduce(), "lr": t.optimizer.param_groups[0]["lr"], "nonfinite_steps": check.skipped}
-            parts = ([f"loss={avg['loss']:.4f}"] + [f"{n}={avg[f'loss_{n}']:.4f}" for n in t.config.factor_names]
-                     + [f"grad={avg['grad_norm']:.3f}"]
-                     + ([f"skipped {check.skipped} non-finite steps"] if check.skipped else []))
-            report(log, writer, run.metrics_file, pos.step, t.total_steps, epoch, avg,
-                   throughput.report(t.total_steps - pos.step), parts)
-            if check.error:
-                error = check.error
-                break
-        stopping = stop.requested()
-        checkpoints.after_step(pos, stopping)
-        if stopping:
-            stop.announce(log, pos.step)
-            break
-    return finish_run(pos, error, checkpoints, (writer, stop), log)
+    """``train_c2i_<preset>.py``: parse, build (every input checked), train (``utils.training``)."""
+    return run_trainer(lambda: parse_config(argv, num_factors), build, BAD_INPUT)

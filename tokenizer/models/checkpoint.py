@@ -22,13 +22,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 import torch
 
 from utils.checkpoint import (EMA_FIRST, CheckpointError, LoadedFrom, check_state_dict, extract_weights, load_file,
                               noting_stored_config, stored_config, write_checkpoint)
+from utils.argtypes import positive_int
 from utils.factors import PRESET_FACTORS, preset_of, preset_name
+from utils.flags import flag, flag_name
 
 from .fqgan import FactorConfig, FactorizedTokenizer, TokenizerConfig, preset_factors
 
@@ -104,18 +107,34 @@ def describe_tokenizer(cfg: TokenizerConfig) -> str:
     return f"a {kind} {vq} tokenizer (factors {', '.join(names)}; {heads})"
 
 
-def check_tokenizer_flags(args, model: FactorizedTokenizer) -> None:
-    """Command-line flags that describe the model (``--vq-model``, ``--codebook-size``, ``--codebook-embed-dim``;
-    None when not given) must agree with the checkpoint ``--vq-ckpt``, which is what gets built."""
-    cfg = model.config
-    have = {"--vq-model": f"VQ-{cfg.downsample}", "--codebook-size": cfg.codebook_size,
-            "--codebook-embed-dim": cfg.codebook_embed_dim}
-    given = {"--vq-model": args.vq_model, "--codebook-size": args.codebook_size,
-             "--codebook-embed-dim": args.codebook_embed_dim}
-    for flag, value in given.items():
-        if value is not None and value != have[flag]:
-            raise CheckpointError(f"{flag} {value} does not match {args.vq_ckpt}, which holds "
-                                  f"{describe_tokenizer(cfg)} with {flag} {have[flag]}")
+@dataclass(frozen=True)
+class TokenizerFlags:
+    """The flags of an entry point that reads a tokenizer checkpoint (extraction, sampling, reconstruction): the
+    file (``--vq-ckpt``) decides the model, and the original scripts' model flags, when given, are checked against
+    it (``check_tokenizer_flags``)."""
+    vq_ckpt: str = flag("", required=True, help="tokenizer checkpoint: a file (.pt / .safetensors) or "
+                                                 "hf://owner/repo/file")
+    vq_model: Optional[str] = flag(None, choices=("VQ-16", "VQ-8"), output=False,
+                                   help="checked against --vq-ckpt (which decides the model)")
+    codebook_size: Optional[int] = flag(None, type=positive_int, output=False, help="checked against --vq-ckpt")
+    codebook_embed_dim: Optional[int] = flag(None, type=positive_int, output=False, help="checked against --vq-ckpt")
+
+
+def tokenizer_facts(cfg: TokenizerConfig) -> dict[str, Any]:
+    """What a tokenizer is, named as the flags that describe it (``--vq-model``, ``--codebook-size`` ...)."""
+    return {"vq_model": f"VQ-{cfg.downsample}", "codebook_size": cfg.codebook_size,
+            "codebook_embed_dim": cfg.codebook_embed_dim}
+
+
+def check_tokenizer_flags(flags: Any, model: FactorizedTokenizer) -> None:
+    """Every flag of ``flags`` (a config) named as a fact of the model (``tokenizer_facts``) and given (not None)
+    must agree with the checkpoint ``--vq-ckpt``, which is what gets built."""
+    for name, have in tokenizer_facts(model.config).items():
+        given = getattr(flags, name, None)
+        if given is not None and given != have:
+            option = flag_name(name)
+            raise CheckpointError(f"{option} {given} does not match {flags.vq_ckpt}, which holds "
+                                  f"{describe_tokenizer(model.config)} with {option} {have}")
 
 
 # Released keys whose names carry a config field, by named group.
