@@ -14,6 +14,7 @@ from autoregressive.train import extract_codes, train_c2i
 from evaluations import evaluator
 from tokenizer import factor_report, reconstruct, reconstruct_image, val_ddp
 from tokenizer import train as tokenizer_train
+from utils import shards
 from utils.flags import COMPAT_GROUP, config_parser, fields_where, flag, flag_fields, output_values, parse, precision
 from utils.run import RunError, batch_split
 
@@ -29,6 +30,7 @@ CONFIGS = {  # entry point -> (its config, its parser)
     "tokenizer/reconstruct_image.py": (reconstruct_image.ImageConfig, config_parser(reconstruct_image.ImageConfig)),
     "evaluations/evaluator.py": (evaluator.EvalConfig, config_parser(evaluator.EvalConfig)),
     "autoregressive/convert.py": (convert.ConvertConfig, config_parser(convert.ConvertConfig)),
+    "python -m utils.shards": (shards.ShardsConfig, config_parser(shards.ShardsConfig)),
 }
 
 # the seed's command lines (its README and launch scripts), paths shortened

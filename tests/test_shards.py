@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from utils import shards
-from utils.data import (ImageFolderSafe, ResumableSampler, epoch_loader, eval_batches, eval_transform, image_dataset,
-                        train_transform)
+from utils.data import (ImageFolderSafe, ResumableSampler, UnreadableImage, epoch_loader, eval_batches,
+                        eval_transform, image_dataset, train_transform)
 from utils.images import open_rgb
 from utils.shards import ShardError
 
@@ -234,8 +234,8 @@ def test_an_unreadable_image_member_is_skipped_in_training_and_refused_in_evalua
     train = image_dataset(tar, train_transform(16), 16, fallback=True)
     assert [train[i][1:] for i in range(3)] == [(1, 0, 0), (0, 2, 1), (0, 2, 0)]  # b skipped (and counted), c took it
     evaluation = image_dataset(tar, eval_transform(16), 16)
-    with pytest.raises(SystemExit, match=rf"^error: cannot read image {tar} member b.png \(evaluation needs every "
-                                         r"image\)$"):
+    with pytest.raises(UnreadableImage, match=rf"^cannot read image {tar} member b.png \(evaluation needs every "
+                                              r"image\)$"):
         list(eval_batches(evaluation, np.arange(3), 2, 0))
 
 

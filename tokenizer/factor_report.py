@@ -32,9 +32,9 @@ from tokenizer.models import describe_tokenizer, load_tokenizer, swap_factor
 from tokenizer.reconstruct_image import psnr
 from utils.argtypes import nonnegative_int, positive_int
 from utils.checkpoint import CheckpointError, unsafe_load_flag
-from utils.data import eval_batches, eval_transform, image_dataset, rank_shard
+from utils.data import UnreadableImage, eval_batches, eval_transform, image_dataset, rank_shard
 from utils.distributed import all_gather_objects, all_reduce_sum, cleanup, init_distributed
-from utils.flags import flag, parse
+from utils.flags import exits_on, flag, parse
 
 MAX_LEGEND = 20  # classes named in the t-SNE legend; beyond that the colours alone tell them apart
 
@@ -187,7 +187,13 @@ def summary(report: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    args = parse(ReportConfig, argv, __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cfg = parse(ReportConfig, argv, __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    with exits_on(UnreadableImage):
+        return factor_report(cfg)
+
+
+def factor_report(args: ReportConfig) -> dict:
+    """Encode the set, compute the report and write its files (rank 0); every rank returns the report."""
     info = init_distributed()
     try:
         model = load_tokenizer(args.vq_ckpt, map_location="cpu")

@@ -39,10 +39,10 @@ from tokenizer.factor_metrics import codebook_stats
 from tokenizer.models import TokenizerFlags, check_tokenizer_flags, describe_tokenizer, load_tokenizer
 from utils.argtypes import nonnegative_int, positive_int
 from utils.checkpoint import CheckpointError, unsafe_load_flag
-from utils.data import eval_batches, eval_transform, image_dataset, rank_shard
+from utils.data import UnreadableImage, eval_batches, eval_transform, image_dataset, rank_shard
 from utils.distributed import all_reduce_sum, cleanup, init_distributed
 from utils.factors import preset_name
-from utils.flags import flag, ignored, parse
+from utils.flags import exits_on, flag, ignored, parse
 from utils.images import to_uint8
 from utils.npz import ShardedNpzWriter
 
@@ -99,9 +99,15 @@ def _lpips_or_none(vgg_path: Optional[str], device: torch.device, log) -> Option
         return None
 
 
-@torch.no_grad()  # evaluation only (and leaves grad mode alone for in-process callers)
 def main(argv=None, num_factors: int = 2) -> dict:
     cfg = parse_config(argv, num_factors)
+    with exits_on(UnreadableImage):
+        return evaluate(cfg, num_factors)
+
+
+@torch.no_grad()  # evaluation only (and leaves grad mode alone for in-process callers)
+def evaluate(cfg: ReconstructConfig, num_factors: int) -> dict:
+    """Reconstruct every image of ``--data-path``, write the npz, and compute and write the metrics."""
     info = init_distributed()
     if not cfg.no_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True

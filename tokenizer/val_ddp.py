@@ -20,9 +20,9 @@ import torch
 from tqdm import tqdm
 
 from utils.argtypes import nonnegative_int, positive_int
-from utils.data import eval_batches, eval_transform, image_dataset, rank_shard
+from utils.data import UnreadableImage, eval_batches, eval_transform, image_dataset, rank_shard
 from utils.distributed import cleanup, init_distributed
-from utils.flags import flag, ignored, parse
+from utils.flags import exits_on, flag, ignored, parse
 from utils.images import to_uint8
 from utils.npz import ShardedNpzWriter
 
@@ -40,9 +40,14 @@ class ValConfig:
     num_images: int = flag(0, type=nonnegative_int, help="use only the first N images (0: all)")
 
 
-@torch.no_grad()  # evaluation only (and leaves grad mode alone for in-process callers)
 def main(argv=None) -> Path:
     cfg = parse(ValConfig, argv, __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    with exits_on(UnreadableImage):
+        return write_reference_batch(cfg)
+
+
+@torch.no_grad()  # evaluation only (and leaves grad mode alone for in-process callers)
+def write_reference_batch(cfg: ValConfig) -> Path:
     info = init_distributed()
     try:
         dataset = image_dataset(cfg.data_path, eval_transform(cfg.image_size), cfg.image_size)

@@ -267,6 +267,10 @@ def collate_eval(batch):
             torch.tensor([b[2] for b in batch]), torch.tensor([b[3] for b in batch], dtype=torch.bool))
 
 
+class UnreadableImage(ValueError):
+    """An image evaluation must cover cannot be read (one line naming it)."""
+
+
 def eval_batches(dataset: SafeImageDataset, indices: np.ndarray, batch_size: int, num_workers: int,
                  allow_bad: bool = False):
     """Batches (images, labels, dataset indices, unreadable flags) over ``indices`` in order. Without
@@ -278,8 +282,8 @@ def eval_batches(dataset: SafeImageDataset, indices: np.ndarray, batch_size: int
                         num_workers=num_workers, collate_fn=collate_eval, pin_memory=torch.cuda.is_available())
     for x, y, idx, bad in loader:
         if bad.any() and not allow_bad:
-            raise SystemExit(f"error: cannot read image {dataset.where(int(idx[bad][0]))} (evaluation needs every "
-                             f"image)")
+            raise UnreadableImage(f"cannot read image {dataset.where(int(idx[bad][0]))} (evaluation needs every "
+                                  f"image)")
         yield x, y, idx, bad
 
 

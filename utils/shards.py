@@ -23,7 +23,6 @@ ones, so a killed conversion rerun with the same command continues with the next
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import itertools
@@ -32,18 +31,24 @@ import os
 import random
 import re
 import resource
-import sys
 import tarfile
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
+from utils.argtypes import byte_size, positive_int
+from utils.checkpoint import atomic_write
 from utils.data import IMG_EXTENSIONS, SafeImageDataset, find_images, sample_key
+from utils.distributed import all_gather_objects, get_rank, get_world_size
+from utils.flags import exits_on, flag, parse
 from utils.images import open_rgb
+from utils.runfiles import FolderInUse, FolderLock
 
 IMAGE_EXTS = tuple(e.lstrip(".") for e in IMG_EXTENSIONS)
 CLASSES_FILE = "classes.json"
@@ -220,7 +225,6 @@ def shard_indices(shards: list[Path]) -> list[dict[str, np.ndarray]]:
     """Every shard's index, from the cache or scanned. Under torchrun (collective) the shards that any rank
     lacks are scanned once, split over the ranks, and exchanged: a first start on a thousand shards does not
     scan each of them on every rank. A bad shard stops every rank with the same line."""
-    from utils.distributed import all_gather_objects, get_rank, get_world_size
 
     found = [_cached_index(s) for s in shards]
     world = get_world_size()
@@ -396,7 +400,6 @@ def plan_shards(samples: list[tuple[str, int]], root: Path, max_count: int, max_
 
 
 def _write_shard(path: Path, items: list[dict]) -> int:
-    from utils.checkpoint import atomic_write
 
     def write(f):
         with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -451,9 +454,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, prefix: Optional[str
     """Write the ImageFolder ``src`` as shards ``out/<prefix>-NNNNNN.tar`` (see the module's docstring); returns
     the manifest it leaves in ``out/<prefix>.json``. A conversion killed part-way continues from its last
     finished shard when run again with the same arguments; other arguments or changed images are refused."""
-    from tqdm import tqdm
 
-    from utils.runfiles import FolderLock
 
     src, out = Path(src), Path(out)
     prefix = prefix or src.resolve().name
@@ -502,28 +503,22 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, prefix: Optional[str
     return manifest
 
 
-def get_parser() -> argparse.ArgumentParser:
-    from utils.argtypes import byte_size, positive_int
-
-    p = argparse.ArgumentParser(prog="python -m utils.shards", description="Convert an ImageFolder into WebDataset "
-                                "tar shards (KEY.jpg + KEY.cls), resumable; see docs/data.md.")
-    p.add_argument("--data-path", required=True, help="the ImageFolder: one sub-folder of images per class")
-    p.add_argument("--out", required=True, help="folder for the shards, classes.json and <prefix>.json")
-    p.add_argument("--prefix", default=None, help="shard names <prefix>-000000.tar ... (default: the folder's name)")
-    p.add_argument("--max-count", type=positive_int, default=1000, help="at most this many images per shard")
-    p.add_argument("--max-size", type=byte_size, default=byte_size("1G"),
-                   help="at most this many bytes per shard (suffix K, M, G, T: powers of 1024)")
-    return p
+@dataclass(frozen=True)
+class ShardsConfig:
+    """The converter's command line (``python -m utils.shards``)."""
+    data_path: str = flag("", required=True, help="the ImageFolder: one sub-folder of images per class")
+    out: str = flag("", required=True, help="folder for the shards, classes.json and <prefix>.json")
+    prefix: Optional[str] = flag(None, help="shard names <prefix>-000000.tar ... (default: the folder's name)")
+    max_count: int = flag(1000, type=positive_int, help="at most this many images per shard")
+    max_size: int = flag(1 << 30, type=byte_size, help="at most this many bytes per shard (suffix K, M, G, T: "
+                                                       "powers of 1024)")
 
 
 def main(argv=None) -> dict:
-    from utils.runfiles import FolderInUse
-
-    args = get_parser().parse_args(argv)
-    try:
-        return convert(args.data_path, args.out, args.prefix, args.max_count, args.max_size)
-    except (OSError, FolderInUse) as e:  # ShardError, a missing folder, a full disk, another conversion
-        sys.exit(f"error: {e}")
+    cfg = parse(ShardsConfig, argv, "Convert an ImageFolder into WebDataset tar shards (KEY.jpg + KEY.cls), "
+                                     "resumable; see docs/data.md.")
+    with exits_on(OSError, FolderInUse):  # ShardError, a missing folder, a full disk, another conversion
+        return convert(cfg.data_path, cfg.out, cfg.prefix, cfg.max_count, cfg.max_size)
 
 
 if __name__ == "__main__":
