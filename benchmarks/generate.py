@@ -70,7 +70,7 @@ def main(argv=None) -> dict:
     with torch.device(device):
         model = FAR(cfg)
     for f in range(cfg.num_factors):  # the init zeroes output layers; random ones give non-trivial sampling
-        torch.nn.init.normal_(model.output(f).weight, std=cfg.initializer_range)
+        torch.nn.init.normal_(model.output_layer(f).weight, std=cfg.initializer_range)
     model = model.to(torch_dtype(dtype_name)).eval()
     labels = torch.randint(0, cfg.num_classes, (args.batch_size,), device=device)
     graphs = args.cuda_graphs if args.cuda_graphs is not None else args.compile and device.type == "cuda"

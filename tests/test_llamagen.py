@@ -5,16 +5,32 @@ deterministic weights of reference_weights.py in LlamaGen's key layout) are repr
 and the files we write list exactly LlamaGen's keys. Tolerances are the reference README's."""
 from __future__ import annotations
 
+import argparse
+import json
+
 import numpy as np
 import pytest
 import torch
 
+from autoregressive.models import FAR, far_config, generate, infer_far_config, load_far, save_far
+from autoregressive.models.checkpoint import far_from_checkpoint
 from reference_weights import coffee, golden, reference_keys, reference_state_dict
 from tokenizer.models import (FactorizedTokenizer, describe_tokenizer, infer_tokenizer_config, load_tokenizer,
                               released_state_dict, save_tokenizer)
 from tokenizer.models.checkpoint import tokenizer_from_checkpoint
+from utils.checkpoint import CheckpointError
 
 GOLDEN = golden("golden_llamagen")
+
+
+@pytest.fixture
+def one_thread():
+    """Decode-sized work runs single-threaded (see test_far_model.one_thread); the tokenizers' convolutions
+    keep every thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def key_list(name: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -96,8 +112,124 @@ def test_single_tokenizer_file_round_trip(tmp_path):
     assert load_tokenizer(tmp_path / "ours.pt").config == cfg  # the config it stored
     assert infer_tokenizer_config(sd).ch_mult == cfg.ch_mult
     sd.pop("quantize.codebook_used")
-    from utils.checkpoint import CheckpointError
-
     with pytest.raises(CheckpointError, match=r"does not fit a single-codebook 4x tokenizer .*missing keys: "
                                               r"quantize.codebook_used"):
         tokenizer_from_checkpoint({"model": sd}, "broken.pt")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# generators
+# ------------------------------------------------------------------------------------------------------------
+GPT_CODES = {"gpt_small": "vq16", "gpt_small_hd100": "vq16_384"}  # the golden codes each was run on
+GPT_SIZES = {"GPT_B": "GPT-B", "GPT_L": "GPT-L", "GPT_XL": "GPT-XL", "GPT_XXL": "GPT-XXL", "GPT_3B": "GPT-3B"}
+
+
+def llamagen_gpt(name: str) -> FAR:
+    """The small golden GPTs as LlamaGen files, through the public loader: gpt_small a DDP training file whose
+    args give the grid (and the 64-dimensional-head rule its 4 heads), gpt_small_hd100 a bare FSDP state dict
+    whose 2 heads of 100 and 24x24 grid come from the caller."""
+    sd = reference_state_dict(f"llamagen_{name}")
+    if name == "gpt_small":
+        args = argparse.Namespace(gpt_model="GPT-custom", image_size=256, downsample_size=16)
+        return far_from_checkpoint({"model": sd, "steps": 1, "args": args}, f"{name}.pt")
+    return far_from_checkpoint(sd, f"{name}.pt", n_head=2, block_size=24 * 24)
+
+
+@pytest.fixture(scope="module", params=sorted(GPT_CODES))
+def gpt(request):
+    name = request.param
+    model = llamagen_gpt(name)
+    cfg = json.loads(str(GOLDEN[f"{name}/config"]))
+    assert (model.config.dim, model.config.n_layer, model.config.n_head, model.config.grid_size) == \
+        (cfg["dim"], cfg["n_layer"], cfg["n_head"], cfg["grid"])
+    return name, model
+
+
+def test_gpt_golden_teacher_forced(gpt):
+    name, model = gpt
+    codes = torch.from_numpy(GOLDEN[f"{GPT_CODES[name]}/indices"].astype(np.int64))[None, :, None]  # (1, T, 1)
+    with torch.no_grad():
+        logits = model(codes, torch.tensor([207])).logits[0][0]
+    ref = torch.from_numpy(GOLDEN[f"{name}/tf_logits"])
+    got = logits[torch.from_numpy(GOLDEN[f"{name}/tf_positions"]).long()]
+    assert got.shape == ref.shape and (got - ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("scale", [2.0, 1.0])
+@pytest.mark.usefixtures("one_thread")
+def test_gpt_golden_generation(gpt, scale):
+    """Top-1 tokens guided at 2.0, and at 1.0 (LlamaGen guides only above 1: the conditional rows alone)."""
+    name, model = gpt
+    codes = generate(model, [207], cfg_scale=scale, top_k=1)
+    ref = GOLDEN[f"{name}/cfg{int(scale)}_top1_tokens"]
+    assert codes.shape == (1, len(ref), 1) and np.array_equal(codes[0, :, 0].numpy(), ref)
+
+
+def test_gpt_loaded_from_says_where_heads_and_grid_came_from():
+    small, hd100 = (str(llamagen_gpt(n).loaded_from) for n in ("gpt_small", "gpt_small_hd100"))
+    assert small == ("gpt_small.pt ('model' weights, config inferred from the weights; 4 heads from 64-dimensional "
+                     "heads assumed, 16x16 tokens from its args (image_size 256, downsample_size 16))")
+    assert hd100 == ("gpt_small_hd100.pt (a bare state dict, config inferred from the weights; 2 heads from the "
+                     "caller (2 heads), 24x24 tokens from the caller)")
+
+
+@pytest.mark.parametrize("name", sorted(GPT_SIZES))
+def test_gpt_layouts_and_configs_from_key_lists(name):
+    """Every released GPT's key list gives its size on the meta device (GPT-3B: 32 heads of 100, from the
+    size table), and the model writes exactly that key list, in its order."""
+    keys = key_list(name)
+    cfg = infer_far_config({k: torch.empty(shape, device="meta") for k, shape in keys})
+    assert cfg == far_config(GPT_SIZES[name], "single") and cfg.is_gpt
+    if name == "GPT_3B":
+        assert (cfg.n_head, cfg.head_dim) == (32, 100)
+    with torch.device("meta"):
+        model = FAR(cfg)
+    assert [(k, tuple(v.shape)) for k, v in model.state_dict().items()] == keys
+
+
+def tiny_gpt(**kw) -> FAR:
+    torch.manual_seed(0)
+    cfg = dict(dim=64, n_layer=2, n_head=2, vocab_size=40, block_size=16, num_classes=10)
+    model = FAR(far_config("GPT-B", 1, **{**cfg, **kw})).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # well-spread distributions; the init would zero the outputs
+            p.normal_(0.0, 0.3 if p.dim() > 1 else 1.0)
+    return model
+
+
+def test_gpt_files_load_strictly(tmp_path):
+    """DDP files ("model", "ema") and bare FSDP state dicts load; entries that are not weights (LlamaGen's KV
+    caches, rotary table) are dropped by name; any other missing or extra key is one error listing them."""
+    model = tiny_gpt()
+    sd = model.state_dict()
+    assert list(sd)[:2] == ["cls_embedding.embedding_table.weight", "tok_embeddings.weight"]
+    assert "output.weight" in sd and not any(k.startswith(("aggregation_layer", "ar_head")) for k in sd)
+    runtime = {"freqs_cis": torch.zeros(17, 16, 2), "layers.0.attention.kv_cache.k_cache": torch.zeros(1),
+               "layers.0.attention.kv_cache.v_cache": torch.zeros(1)}
+    torch.save({"model": {**sd, **runtime}, "ema": sd, "optimizer": {}, "steps": 3}, tmp_path / "ddp.pt")
+    torch.save({**sd, **runtime}, tmp_path / "fsdp.pt")
+    for file, prefer in (("ddp.pt", ("ema",)), ("ddp.pt", None), ("fsdp.pt", None)):
+        loaded = load_far(tmp_path / file, gpt_model="GPT-B", n_head=2, block_size=16,
+                          **({"prefer": prefer} if prefer else {}))
+        assert loaded.config == model.config
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), sd.values()))
+    broken = {**sd, "layers.0.attention.bias": torch.zeros(1)}
+    del broken["norm.weight"]
+    with pytest.raises(CheckpointError, match=r"^bad.pt: does not fit a LlamaGen GPT generator \(dim 64, 2 layers, "
+                                              r"2 heads of 32.*missing keys: norm.weight; unexpected keys: "
+                                              r"layers.0.attention.bias$"):
+        far_from_checkpoint(broken, "bad.pt", n_head=2)
+    with pytest.raises(CheckpointError, match=r"trained on 16x16 tokens \(its args \(image_size 256, "
+                                              r"downsample_size 16\)\), but 24x24 were asked for"):
+        far_from_checkpoint({"model": sd, "args": argparse.Namespace(image_size=256, downsample_size=16)},
+                            "ddp.pt", n_head=2, block_size=24 * 24)
+    with pytest.raises(ValueError, match="GPT-B is LlamaGen's single-codebook generator: it predicts 1 factor"):
+        far_config("GPT-B", "dual")
+
+
+def test_gpt_file_written_here_has_llamagen_keys(tmp_path):
+    model = tiny_gpt()
+    save_far(tmp_path / "gpt.pt", model)
+    ckpt = torch.load(tmp_path / "gpt.pt", weights_only=True)
+    assert list(ckpt["model"]) == list(model.state_dict())  # what LlamaGen's sampler reads: checkpoint["model"]
+    assert load_far(tmp_path / "gpt.pt").config == model.config  # the stored config: heads and grid included
