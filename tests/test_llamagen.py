@@ -233,3 +233,52 @@ def test_gpt_file_written_here_has_llamagen_keys(tmp_path):
     ckpt = torch.load(tmp_path / "gpt.pt", weights_only=True)
     assert list(ckpt["model"]) == list(model.state_dict())  # what LlamaGen's sampler reads: checkpoint["model"]
     assert load_far(tmp_path / "gpt.pt").config == model.config  # the stored config: heads and grid included
+
+
+# ------------------------------------------------------------------------------------------------------------
+# training: the same trainers, LlamaGen's recipe
+# ------------------------------------------------------------------------------------------------------------
+def test_single_tokenizer_trains_with_the_tokenizer_trainer(data, tmp_path):
+    """LlamaGen's recipe (no semantic loss, no disentanglement) through tokenizer/train.py; the checkpoint is in
+    LlamaGen's layout. The FQGAN-only flags are refused in one line."""
+    from helpers import TINY
+    from tokenizer import train as tokenizer_train
+
+    argv = ["--data-path", str(data), *[a for a in TINY if a != "--with_disentanglement"], "--global-batch-size",
+            "2", "--disc-start", "0", "--exp-name", "s", "--results-dir", str(tmp_path), "--no-local-save"]
+    t = tokenizer_train.build(tokenizer_train.parse_config(argv, "single"), "single")
+    assert describe_tokenizer(t.config).startswith("a single-codebook 4x tokenizer (LlamaGen's VQModel")
+    logs, _, _ = tokenizer_train.train_step(t, torch.rand(2, 3, 32, 32) * 2 - 1, step=1)
+    assert {"codebook_loss_vis", "commit_loss_vis", "generator_adv_loss"} <= set(logs)
+    assert not any(k.startswith("semantic_loss") for k in logs) and float(logs["disentangle_loss"]) == 0
+    assert "quantize.embedding.weight" in t.checkpoint()["model"]
+    for flag, message in (("--with_disentanglement", "one factor, nothing to disentangle"),
+                          ("--with_clip_supervision", "no semantic factor to supervise")):
+        with pytest.raises(ValueError, match=f"^{flag}: the single tokenizer has {message}$"):
+            tokenizer_train.build(tokenizer_train.parse_config(argv + [flag], "single"), "single")
+
+
+def test_gpt_trains_with_the_far_trainer_on_a_single_codebook_store(tmp_path):
+    """train_c2i.py reads the factor count from the code store (its own entry point) and trains a GPT on it;
+    a GPT on a factorised store is one line."""
+    from autoregressive.data.code_store import CodeStoreWriter
+    from autoregressive.train import train_c2i
+
+    rng = np.random.default_rng(0)
+    for name, factors in (("single", ["vis"]), ("dual", ["vis", "sem"])):
+        w = CodeStoreWriter(tmp_path / name, 4, 1, factors, (4, 4), 64)
+        w.write(rng.integers(0, 64, (4, 1, len(factors), 16)), rng.integers(0, 3, 4))
+        w.close(num_classes=3)
+    argv = ["--code-path", str(tmp_path / "single"), "--gpt-model", "GPT-T", "--vocab-size", "64", "--image-size",
+            "16", "--downsample-size", "4", "--num-classes", "3", "--num-workers", "0", "--global-batch-size", "2",
+            "--exp-name", "g", "--results-dir", str(tmp_path / "runs"), "--no-local-save"]
+    t = train_c2i.build(train_c2i.parse_config(argv, None), 1)
+    assert t.config.is_gpt and "tok_embeddings.weight" in t.model.state_dict()
+    codes, labels = next(iter(torch.utils.data.DataLoader(t.dataset, batch_size=2,
+                                                          collate_fn=train_c2i.collate_codes)))
+    logs, skipped = train_c2i.train_step(t, codes, labels)
+    assert set(logs) == {"loss", "grad_norm", "loss_vis"} and torch.isfinite(logs["loss"]) and not skipped
+    argv[1] = str(tmp_path / "dual")
+    with pytest.raises(ValueError, match=r"--gpt-model GPT-T on --code-path .*dual: GPT-T is LlamaGen's "
+                                         r"single-codebook generator: it predicts 1 factor, not 2"):
+        train_c2i.build(train_c2i.parse_config(argv, None), 2)

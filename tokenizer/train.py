@@ -1,4 +1,6 @@
-"""The tokenizer training loop: one implementation behind ``vq_train_dual.py`` and ``vq_train_triple.py``.
+"""The tokenizer training loop: one implementation behind ``vq_train_dual.py`` and ``vq_train_triple.py``, and
+for LlamaGen's single codebook (``main(preset="single")``: LlamaGen's recipe, without semantic supervision or
+disentanglement, which need a semantic factor and two factors).
 
 Runs under ``torchrun`` (DDP; NCCL on GPUs, gloo on CPUs) or as a plain ``python`` process. ``build`` turns
 the flags into everything a run trains with (a ``Trainer``); ``main`` then runs a plain loop of
@@ -66,7 +68,8 @@ COMPAT = (
 
 def get_parser(preset: str) -> argparse.ArgumentParser:
     """The original training scripts' flags with their defaults, plus this project's additions."""
-    p = argparse.ArgumentParser(description=f"Train an FQGAN-{preset} tokenizer.")
+    kind = "a single-codebook (LlamaGen VQ)" if preset == "single" else f"an FQGAN-{preset}"
+    p = argparse.ArgumentParser(description=f"Train {kind} tokenizer.")
     p.add_argument("--data-path", type=str, required=True, help="ImageFolder root of the training images")
     p.add_argument("--no-local-save", action="store_true", help="do not write checkpoints (debugging)")
     p.add_argument("--vq-model", type=str, choices=["VQ-16", "VQ-8"], default="VQ-16")
@@ -353,6 +356,10 @@ def model_and_teachers(cfg: TrainConfig, preset: str, base_image_size: int,
                        device: torch.device) -> tuple[TokenizerConfig, Optional[Teachers]]:
     """The tokenizer's config and, with semantic supervision, its teachers (loaded and checked here)."""
     config, teachers = build_config(cfg, preset, base_image_size), None
+    if cfg.with_clip_supervision and not config.head_factors:
+        raise ValueError(f"--with_clip_supervision: the {preset} tokenizer has no semantic factor to supervise")
+    if cfg.with_disentanglement and config.num_factors < 2:
+        raise ValueError(f"--with_disentanglement: the {preset} tokenizer has one factor, nothing to disentangle")
     if cfg.semantic:  # heads without loss (weight 0) need no teachers
         teachers = load_teachers(config, teacher_overrides_from_args(cfg, config), check_width=False,
                                  image_size=cfg.teacher_image_size).to(device)

@@ -136,8 +136,10 @@ FAR_models = {
     "FAR-L": dict(n_layer=36, dim=1280, n_head=20, ar_n_layer=4),
 }
 # LlamaGen's GPT sizes (one factor, no factor head): 64-dimensional heads but for GPT-3B (100) and GPT-7B (128).
-# B ... XXL and 3B have released class-conditional checkpoints.
+# B ... XXL and 3B have released class-conditional checkpoints. GPT-T is not LlamaGen's: like FAR-T, it is for
+# tests, demos and small experiments.
 GPT_models = {
+    "GPT-T": dict(n_layer=4, dim=256, n_head=4),
     "GPT-B": dict(n_layer=12, dim=768, n_head=12),
     "GPT-L": dict(n_layer=24, dim=1024, n_head=16),
     "GPT-XL": dict(n_layer=36, dim=1280, n_head=20),

@@ -1,5 +1,10 @@
 """Training loop of the FAR generator on a code store; one implementation behind ``train_c2i_dual.py`` and
-``train_c2i_triple.py`` (which only fix the factor count).
+``train_c2i_triple.py`` (which only fix the factor count), and itself LlamaGen's ``train_c2i.py``: run as a
+script it takes the factor count from the code store, so it trains LlamaGen's GPT (``--gpt-model GPT-B`` ...
+``GPT-7B``) on single-codebook codes as well as FAR on factorised ones.
+
+    torchrun --nproc_per_node=8 autoregressive/train/train_c2i.py --code-path codes/vq16_384 \
+        --image-size 384 --gpt-model GPT-B --cloud-save-path unused
 
 DDP by default, FSDP2 (``--fsdp``, ``fully_shard`` per transformer block) for FAR-L and larger; AdamW with weight
 decay on matrices only; bf16 autocast on GPU; gradient clipping and accumulation; optional EMA. ``build`` turns
@@ -19,8 +24,8 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from autoregressive.data.code_store import CodeDataset, collate_codes
-from autoregressive.models import FAR, FAR_models, describe_far, far_checkpoint, far_config, load_far_weights
+from autoregressive.data.code_store import CodeDataset, collate_codes, read_manifest
+from autoregressive.models import FAR, MODELS, describe_far, far_checkpoint, far_config, load_far_weights
 from autoregressive.models.far import FARConfig, TransformerBlock
 from utils.argtypes import finite_float, nonnegative_float, nonnegative_int, positive_float, positive_int, unit_float
 from utils.checkpoint import extract_weights
@@ -49,16 +54,19 @@ RESUME_FIXED = ("global_batch_size", "image_size", "downsample_size", "global_se
 COMPAT = (
     ignored("--gpt-type", type=str, choices=["c2i"], default="c2i", help="class-conditional is the only type"),
     ignored("--dataset", type=str, default="imagenet_code", help="--code-path is a code store"),
+    ignored("--cloud-save-path", type=str, default=None, help="LlamaGen's copy of every checkpoint; they are "
+                                                               "written to --results-dir"),
 )
 
 
-def get_parser(num_factors: int) -> argparse.ArgumentParser:
-    name = preset_name(num_factors)
-    p = argparse.ArgumentParser(description=f"Train a class-conditional FAR generator on {name} codes.")
+def get_parser(num_factors: Optional[int]) -> argparse.ArgumentParser:
+    codes = "a code store (its factor count decides)" if num_factors is None else f"{preset_name(num_factors)} codes"
+    p = argparse.ArgumentParser(description=f"Train a class-conditional FAR generator (or LlamaGen GPT) on {codes}.")
     p.add_argument("--code-path", type=str, required=True, help="code store from extract_codes_c2i_*_code.py")
     p.add_argument("--exp-name", type=str, required=True)
     p.add_argument("--no-local-save", action="store_true")
-    p.add_argument("--gpt-model", type=str, choices=list(FAR_models), default="FAR-B")
+    p.add_argument("--gpt-model", type=str, choices=list(MODELS), default="FAR-B",
+                   help="FAR-* (any factor count) or LlamaGen's GPT-* (single-codebook codes)")
     p.add_argument("--gpt-ckpt", type=str, default=None, help="checkpoint to resume from")
     p.add_argument("--vocab-size", type=positive_int, default=16384)
     p.add_argument("--ema", action="store_true")
@@ -128,7 +136,7 @@ class TrainConfig(RunConfig):
         return self.image_size // self.downsample_size
 
 
-def parse_config(argv=None, num_factors: int = 2) -> TrainConfig:
+def parse_config(argv=None, num_factors: Optional[int] = 2) -> TrainConfig:
     """The command line as a ``TrainConfig``: bad values stop with argparse's one-line error, bad combinations
     with a ValueError (one line in ``main``); the original's ignored flags print one line each."""
     return from_flags(TrainConfig, parse_flags(get_parser(num_factors), COMPAT, argv))
@@ -223,10 +231,13 @@ def build(cfg: TrainConfig, num_factors: int) -> Trainer:
         raise ValueError(f"--code-path {cfg.code_path}: {e}") from None
     total_steps = cfg.total_steps(sampler.batches_per_epoch)
     dropout = 0.0 if cfg.drop_path_rate > 0 else cfg.dropout_p
-    config = far_config(cfg.gpt_model, num_factors, vocab_size=cfg.vocab_size, block_size=grid * grid,
-                        num_classes=cfg.num_classes, cls_token_num=cfg.cls_token_num,
-                        resid_dropout_p=dropout, ffn_dropout_p=dropout, token_dropout_p=cfg.token_dropout_p,
-                        drop_path_rate=cfg.drop_path_rate)
+    try:
+        config = far_config(cfg.gpt_model, num_factors, vocab_size=cfg.vocab_size, block_size=grid * grid,
+                            num_classes=cfg.num_classes, cls_token_num=cfg.cls_token_num,
+                            resid_dropout_p=dropout, ffn_dropout_p=dropout, token_dropout_p=cfg.token_dropout_p,
+                            drop_path_rate=cfg.drop_path_rate)
+    except ValueError as e:
+        raise ValueError(f"--gpt-model {cfg.gpt_model} on --code-path {cfg.code_path}: {e}") from None
     model = FAR(config).to(device)
     log.info(f"Generator: {describe_far(config)}; {model.num_params():,} parameters")
     log.info(f"Codes: {len(dataset):,} images x {dataset.info.num_augs} views, {dataset.info.num_classes} "
@@ -289,9 +300,12 @@ def train_step(t: Trainer, codes: torch.Tensor, labels: torch.Tensor) -> tuple[d
             **{f"loss_{n}": per_factor[f] for f, n in enumerate(t.config.factor_names)}}, skipped
 
 
-def main(argv=None, num_factors: int = 2) -> Optional[Path]:
+def main(argv=None, num_factors: Optional[int] = 2) -> Optional[Path]:
+    """Train; ``num_factors`` None reads the factor count from ``--code-path`` (the script's own entry)."""
     try:
         cfg = parse_config(argv, num_factors)
+        if num_factors is None:
+            num_factors = read_manifest(cfg.code_path).num_factors
         t = build(cfg, num_factors)
     except BAD_INPUT as e:
         fail(e)
@@ -333,3 +347,7 @@ def main(argv=None, num_factors: int = 2) -> Optional[Path]:
             stop.announce(log, pos.step)
             break
     return finish_run(pos, error, checkpoints, (writer, stop), log)
+
+
+if __name__ == "__main__":
+    main(num_factors=None)
