@@ -233,6 +233,8 @@ def test_gpt_file_written_here_has_llamagen_keys(tmp_path):
     ckpt = torch.load(tmp_path / "gpt.pt", weights_only=True)
     assert list(ckpt["model"]) == list(model.state_dict())  # what LlamaGen's sampler reads: checkpoint["model"]
     assert load_far(tmp_path / "gpt.pt").config == model.config  # the stored config: heads and grid included
+    with pytest.raises(CheckpointError, match=r"gpt.pt: its stored config has block_size 16, but 256 was asked for"):
+        load_far(tmp_path / "gpt.pt", block_size=256)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -282,3 +284,57 @@ def test_gpt_trains_with_the_far_trainer_on_a_single_codebook_store(tmp_path):
     with pytest.raises(ValueError, match=r"--gpt-model GPT-T on --code-path .*dual: GPT-T is LlamaGen's "
                                          r"single-codebook generator: it predicts 1 factor, not 2"):
         train_c2i.build(train_c2i.parse_config(argv, None), 2)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# LlamaGen's command lines, as its GETTING_STARTED writes them, on tiny files (one torchrun launch)
+# ------------------------------------------------------------------------------------------------------------
+def test_llamagen_command_lines_under_torchrun(data, tmp_path):
+    """Extraction, GPT training (FSDP2), sampling and reconstruction evaluation with LlamaGen's scripts and
+    flags, each reading the factor count from its input: a tokenizer file in LlamaGen's layout (no config) gives
+    single-codebook codes, train_c2i.py a GPT, the sampler its images (--image-size from the checkpoint, resized
+    bicubically to --image-size-eval; a scale below 1 unguided), the reconstruction its PSNR."""
+    from helpers import torchrun
+    from tiny import tiny_tokenizer_config
+
+    torch.manual_seed(0)
+    tok = FactorizedTokenizer(tiny_tokenizer_config(1, with_adapters=False, adapter_layers=0))
+    torch.save({"model": released_state_dict(tok)}, tmp_path / "vq_tiny.pt")  # as LlamaGen writes it
+    ckpt = "results/GPT-T-c2i/checkpoints/0000002.pt"
+    chain = [
+        ["autoregressive/train/extract_codes_c2i.py", "--vq-ckpt", "vq_tiny.pt", "--data-path", str(data),
+         "--code-path", "codes", "--ten-crop", "--crop-range", "1.1", "--image-size", "32", "--codebook-size", "64",
+         "--codebook-embed-dim", "4", "--dataset", "imagenet", "--num-workers", "0"],
+        ["autoregressive/train/train_c2i.py", "--cloud-save-path", "cloud", "--code-path", "codes", "--image-size",
+         "32", "--downsample-size", "4", "--gpt-model", "GPT-T", "--vocab-size", "64", "--num-classes", "2",
+         "--gpt-type", "c2i", "--cls-token-num", "1", "--no-compile", "--global-batch-size", "4", "--max-steps",
+         "2", "--ckpt-every", "2", "--fsdp", "--exp-name", "c2i", "--num-workers", "0", "--log-every", "1"],
+        ["autoregressive/sample/sample_c2i_ddp.py", "--vq-ckpt", "vq_tiny.pt", "--gpt-ckpt", ckpt, "--gpt-model",
+         "GPT-T", "--from-fsdp", "--image-size-eval", "24", "--downsample-size", "4", "--num-classes", "2",
+         "--codebook-size", "64", "--codebook-embed-dim", "4", "--cfg-scale", "0.5", "--precision", "none",
+         "--no-compile", "--gpt-type", "c2i", "--cls-token-num", "1", "--num-fid-samples", "4",
+         "--per-proc-batch-size", "2", "--name", "gpt"],
+        ["tokenizer/reconstruction_vq_ddp.py", "--data-path", str(data), "--vq-ckpt", "vq_tiny.pt", "--image-size",
+         "32", "--image-size-eval", "24", "--codebook-size", "64", "--codebook-embed-dim", "4", "--dataset",
+         "imagenet", "--per-proc-batch-size", "4", "--num-workers", "0", "--folder-name", "vq_tiny"],
+    ]
+    (tmp_path / "chain.json").write_text(json.dumps(chain))
+    r = torchrun("tests/run_chain.py", "chain.json", cwd=tmp_path)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    from autoregressive.data.code_store import read_manifest
+
+    assert read_manifest(tmp_path / "codes").factor_names == ["vis"]
+    trained = torch.load(tmp_path / ckpt, weights_only=False)
+    with torch.device("meta"):
+        gpt = FAR(far_config("GPT-T", 1, vocab_size=64, block_size=64, num_classes=2))
+    assert list(trained["model"]) == list(gpt.state_dict()) and trained["args"].gpt_model == "GPT-T"  # LlamaGen's
+    assert "--cloud-save-path is accepted for compatibility and ignored" in out
+    assert "a LlamaGen GPT-T generator (dim 256, 4 layers, 4 heads of 64, vocab 64, 2 classes, 8x8 tokens)" in out
+    assert "--cfg-scale 0.5: a LlamaGen GPT is guided only above 1, as in LlamaGen; sampling it unguided" in out
+    with np.load(tmp_path / "samples" / "gpt.npz") as z:
+        assert z["arr_0"].shape == (4, 24, 24, 3) and z["arr_1"].shape == (4,)
+    assert "Loaded a single-codebook 4x tokenizer (LlamaGen's VQModel; codebook 64 x 4)" in out
+    with np.load(tmp_path / "reconstructions" / "vq_tiny.npz") as z:
+        assert z["arr_0"].shape == (8, 24, 24, 3)
+    assert json.loads((tmp_path / "reconstructions" / "vq_tiny.json").read_text())["factors"][0]["name"] == "vis"

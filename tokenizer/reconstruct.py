@@ -1,5 +1,6 @@
 """Reconstruction evaluation of a tokenizer: one implementation behind ``reconstruction_vq_ddp_dual.py`` and
-``reconstruction_vq_ddp_triple.py`` (which only fix the factor count).
+``reconstruction_vq_ddp_triple.py`` (which only fix the factor count) and LlamaGen's ``reconstruction_vq_ddp.py``
+(any tokenizer, the factor count read from the checkpoint: LlamaGen's ``vq_ds16_c2i.pt`` as well).
 
 For every image of the set (ADM centre crop, dataset order, each exactly once whatever the world size) it
 writes the reconstruction into ``<sample-dir>/<folder-name>.npz`` (``arr_0``, uint8 N x H x W x 3; row i is the
@@ -56,9 +57,10 @@ COMPAT = (
 )
 
 
-def get_parser(num_factors: int) -> argparse.ArgumentParser:
-    name = preset_name(num_factors)
-    p = argparse.ArgumentParser(description=f"Reconstruction evaluation of an FQGAN-{name} tokenizer.")
+def get_parser(num_factors: Optional[int]) -> argparse.ArgumentParser:
+    kind = "a tokenizer (FQGAN's or LlamaGen's: the checkpoint decides)" if num_factors is None else \
+        f"an FQGAN-{preset_name(num_factors)} tokenizer"
+    p = argparse.ArgumentParser(description=f"Reconstruction evaluation of {kind}.")
     p.add_argument("--data-path", type=str, required=True)
     p.add_argument("--vq-model", type=str, choices=["VQ-16", "VQ-8"], default=None,
                    help="checked against the checkpoint (which determines the model)")
@@ -106,7 +108,8 @@ def _lpips_or_none(vgg_path: Optional[str], device: torch.device, log) -> Option
 
 
 @torch.no_grad()  # evaluation only (and leaves grad mode alone for in-process callers)
-def main(argv=None, num_factors: int = 2) -> dict:
+def main(argv=None, num_factors: Optional[int] = 2) -> dict:
+    """Evaluate; ``num_factors`` None takes any tokenizer, the factor count read from ``--vq-ckpt``."""
     args = parse_flags(get_parser(num_factors), COMPAT, argv)
     info = init_distributed()
     if not args.no_tf32:
@@ -121,6 +124,7 @@ def main(argv=None, num_factors: int = 2) -> dict:
         sys.exit(f"error: {e}")
     model = model.to(info.device)
     cfg = model.config
+    num_factors = cfg.num_factors
     log(f"Loaded {describe_tokenizer(cfg)} from {model.loaded_from}")
     lpips = _lpips_or_none(args.vgg_path, info.device, log)
 

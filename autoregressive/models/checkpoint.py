@@ -146,11 +146,12 @@ def _args(ckpt: Any) -> Any:
 
 
 def released_shape(ckpt: Any, sd: Mapping[str, torch.Tensor], path, gpt_model: Optional[str] = None,
-                   n_head: Optional[int] = None, block_size: Optional[int] = None) -> tuple[dict, str]:
+                   n_head: Optional[int] = None, block_size: Optional[int] = None,
+                   default_block_size: int = FARConfig.block_size) -> tuple[dict, str]:
     """What the weights of a file without a stored config cannot tell, the head count and the token grid, and
     where each came from (see the module docstring): ({"n_head", "block_size"}, a note for ``loaded_from``).
     ``gpt_model`` / ``n_head`` / ``block_size``: the caller's; a value the file's ``args`` contradict is an
-    error."""
+    error. ``default_block_size``: the grid when neither the file nor the caller gives one."""
     args = _args(ckpt)
     heads, heads_from = None, None
     named = getattr(args, "gpt_model", None)
@@ -178,7 +179,7 @@ def released_shape(ckpt: Any, sd: Mapping[str, torch.Tensor], path, gpt_model: O
     elif block_size is not None:
         grid, grid_from = math.isqrt(block_size), "the caller"
     else:
-        grid, grid_from = math.isqrt(FARConfig.block_size), "the default"
+        grid, grid_from = math.isqrt(default_block_size), "the default"
     return ({"n_head": heads, "block_size": grid * grid},
             f"{heads} heads from {heads_from}, {grid}x{grid} tokens from {grid_from}")
 
@@ -186,7 +187,8 @@ def released_shape(ckpt: Any, sd: Mapping[str, torch.Tensor], path, gpt_model: O
 def load_far(path: str | os.PathLike, map_location: str | torch.device = "cpu",
              expect_factors: Optional[int] = None, prefer: tuple[str, ...] = MODEL_FIRST,
              dtype: Optional[torch.dtype] = None, unsafe_load: Optional[bool] = None,
-             gpt_model: Optional[str] = None, **overrides) -> FAR:
+             gpt_model: Optional[str] = None, default_block_size: int = FARConfig.block_size,
+             **overrides) -> FAR:
     """Build a FAR (or LlamaGen GPT) from a checkpoint (a path or an ``hf://`` name; ``.pt`` released or ours, a
     DDP file's ``"model"`` / ``"ema"`` or a bare FSDP state dict, or safetensors), load its weights strictly,
     return it in eval mode; ``model.loaded_from`` says which weights and config (and, for a file without a
@@ -195,15 +197,17 @@ def load_far(path: str | os.PathLike, map_location: str | torch.device = "cpu",
     ``prefer``: the order in which weight entries are tried (``"model"`` first, the weights the original
     sampler reads; ``prefer=("ema",)`` for the EMA weights). ``expect_factors`` turns a file with another factor
     count into a clear error. ``gpt_model`` names the size the caller expects (used for the head count when the
-    file does not say it). Keyword arguments override config fields (``n_head``, ``block_size`` ...).
-    ``unsafe_load``: see ``utils.checkpoint.load_file``."""
+    file does not say it), ``default_block_size`` the token count when neither the file nor ``block_size``
+    does. Keyword arguments override config fields (``n_head``, ``block_size`` ...; those two must agree with
+    what the file says). ``unsafe_load``: see ``utils.checkpoint.load_file``."""
     return far_from_checkpoint(load_file(path, map_location, unsafe_load), path, expect_factors, prefer, dtype,
-                               gpt_model, **overrides)
+                               gpt_model, default_block_size, **overrides)
 
 
 def far_from_checkpoint(ckpt: Any, path: str | os.PathLike = "<checkpoint>", expect_factors: Optional[int] = None,
                         prefer: tuple[str, ...] = MODEL_FIRST, dtype: Optional[torch.dtype] = None,
-                        gpt_model: Optional[str] = None, **overrides) -> FAR:
+                        gpt_model: Optional[str] = None, default_block_size: int = FARConfig.block_size,
+                        **overrides) -> FAR:
     """``load_far`` for a checkpoint already read with ``load_file``."""
     sd, key = extract_weights(ckpt, path, prefer)
     sd = weights_only(sd)
@@ -211,8 +215,15 @@ def far_from_checkpoint(ckpt: Any, path: str | os.PathLike = "<checkpoint>", exp
     from_file, note = cfg is not None, ""
     if cfg is None:
         shape, note = released_shape(ckpt, sd, path, gpt_model, overrides.pop("n_head", None),
-                                     overrides.pop("block_size", None))
+                                     overrides.pop("block_size", None), default_block_size)
         cfg = infer_far_config(sd, path, **shape, **overrides)
+    else:
+        stored = ckpt["config"]
+        for field in ("n_head", "block_size"):  # what the weights cannot check: a different value is a mistake
+            if overrides.get(field, stored.get(field)) != stored.get(field):
+                raise CheckpointError(f"{path}: its stored config has {field} {stored.get(field)}, but "
+                                      f"{overrides[field]} was asked for (check --image-size and "
+                                      f"--downsample-size)")
     if expect_factors is not None and cfg.num_factors != expect_factors:
         raise CheckpointError(f"{path}: holds {describe_far(cfg)}, but {expect_factors} factors were expected")
     with torch.device("meta"):  # no time spent initialising weights that are about to be overwritten

@@ -1,5 +1,8 @@
 """Class-conditional sampling from a FAR generator into an FID-ready npz; one implementation behind
-``sample_c2i_ddp_dual_code.py`` and ``sample_c2i_ddp_triple_code.py``.
+``sample_c2i_ddp_dual_code.py`` and ``sample_c2i_ddp_triple_code.py``, and LlamaGen's ``sample_c2i_ddp.py`` (any
+generator, FAR or LlamaGen's GPT, its factor count read from the checkpoint; LlamaGen's defaults ``--gpt-model
+GPT-B``, ``--image-size 384``). The token grid is the checkpoint's (stored config or training args; else
+``--image-size`` / ``--downsample-size``). A GPT, as LlamaGen's sampler, guides only at a ``--cfg-scale`` above 1.
 
 Writes ``<sample-dir>/<name>.npz`` with ``arr_0`` (exactly ``--num-fid-samples`` uint8 images, split across the
 ranks) and ``arr_1`` (their class labels), directly (no PNG folder round trip), plus ``<name>.png``, a grid of
@@ -27,12 +30,13 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from autoregressive.models import FAR_models, describe_far, load_far
+from autoregressive.models import MODELS, describe_far, load_far
 from autoregressive.models.decode_attention import ATTENTION_KERNELS
 from autoregressive.sample.pipeline import ImageDecoder, auto_batch_size, sample_images
 from evaluations.inprocess import POOL, SPATIAL, InProcessFID, add_fid_arguments, write_result
@@ -58,10 +62,16 @@ COMPAT = (
 )
 
 
-def get_parser(num_factors: int) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=f"Sample {num_factors}-factor FAR images for FID.")
-    p.add_argument("--gpt-model", type=str, choices=list(FAR_models), default="FAR-B",
-                   help="names the output; the checkpoint decides the architecture")
+# The defaults of LlamaGen's sample_c2i_ddp.py where they differ from the FAR scripts'.
+LLAMAGEN_DEFAULTS = {"gpt_model": "GPT-B", "image_size": 384}
+
+
+def get_parser(num_factors: Optional[int]) -> argparse.ArgumentParser:
+    kind = "FAR or LlamaGen GPT (the checkpoint decides)" if num_factors is None else f"{num_factors}-factor FAR"
+    p = argparse.ArgumentParser(description=f"Sample {kind} images for FID.")
+    p.add_argument("--gpt-model", type=str, choices=list(MODELS), default="FAR-B",
+                   help="names the output; the checkpoint decides the architecture (this gives the head count "
+                        "of a file that does not say it)")
     p.add_argument("--gpt-ckpt", type=str, required=True)
     p.add_argument("--ema", action="store_true", help="sample with the generator's EMA weights (default: 'model', "
                                                       "as the original sampler)")
@@ -73,12 +83,15 @@ def get_parser(num_factors: int) -> argparse.ArgumentParser:
                                                          "which extraction encodes with)")
     p.add_argument("--codebook-size", type=int, default=None, help="checked against the tokenizer checkpoint")
     p.add_argument("--codebook-embed-dim", type=int, default=None, help="checked against the tokenizer checkpoint")
-    p.add_argument("--image-size", type=positive_int, default=256)
+    p.add_argument("--image-size", type=positive_int, default=None,
+                   help="image size the generator was trained at (default: the checkpoint's, from its config or "
+                        "training args; else 256, or 384 for sample_c2i_ddp.py as LlamaGen)")
     p.add_argument("--image-size-eval", type=positive_int, default=256)
     p.add_argument("--downsample-size", type=int, choices=[4, 8, 16], default=16)
     p.add_argument("--num-classes", type=positive_int, default=1000)
     p.add_argument("--cfg-scale", type=finite_float, nargs="+", default=[1.5],
-                   help="guidance scale: one value, or one per factor (visual first)")
+                   help="guidance scale: one value, or one per factor (visual first). A LlamaGen GPT, as in "
+                        "LlamaGen, is guided only above 1: a scale <= 1 samples it unguided")
     p.add_argument("--cfg-scales", type=str, default=None,
                    help="a guidance sweep, e.g. 1.5,1.75,2.0: every scale (for all factors) sampled in turn, each "
                         "its own npz/score, in one process (replaces --cfg-scale)")
@@ -138,9 +151,14 @@ def sample_labels(n: int, num_classes: int, seed: int, balanced: bool) -> np.nda
 
 
 @torch.no_grad()  # evaluation only (and leaves grad mode alone for in-process callers)
-def main(argv=None, num_factors: int = 2):
-    """The npz path (None with --no-save-npz); a list of them for a --cfg-scales sweep."""
-    args = parse_flags(get_parser(num_factors), COMPAT, argv)
+def main(argv=None, num_factors: Optional[int] = 2, defaults: Optional[dict] = None):
+    """The npz path (None with --no-save-npz); a list of them for a --cfg-scales sweep. ``num_factors`` None
+    samples any generator (the factor count read from ``--gpt-ckpt``); ``defaults`` replaces flag defaults
+    (``LLAMAGEN_DEFAULTS``; ``image_size`` is then the grid's fallback when the checkpoint does not say)."""
+    defaults = {"image_size": 256, **(defaults or {})}
+    parser = get_parser(num_factors)
+    parser.set_defaults(**{k: v for k, v in defaults.items() if k != "image_size"})
+    args = parse_flags(parser, COMPAT, argv)
     sweep = parse_scales(args.cfg_scales) if args.cfg_scales else [list(args.cfg_scale)]
     if not args.save_npz and not args.fid_ref:
         sys.exit("error: --no-save-npz keeps nothing but the grid without --fid-ref")
@@ -152,15 +170,21 @@ def main(argv=None, num_factors: int = 2):
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True  # the decoder's convolutions: one shape, tuned once
     dtype = torch_dtype(args.precision) if device.type == "cuda" else torch.float32
-    grid = args.image_size // args.downsample_size
+    asked = {} if args.image_size is None else {"block_size": (args.image_size // args.downsample_size) ** 2}
     try:
-        # the original sampler decodes with the tokenizer's "model" weights, as its codes were extracted with
-        tokenizer = load_tokenizer(args.vq_ckpt, expect_factors=num_factors, prefer=weight_preference(args.vq_ema))
-        check_tokenizer_flags(args, tokenizer)
         far = load_far(args.gpt_ckpt, expect_factors=num_factors, prefer=weight_preference(args.ema),
-                       block_size=grid * grid)
+                       gpt_model=args.gpt_model,
+                       default_block_size=(defaults["image_size"] // args.downsample_size) ** 2, **asked)
+        # the original sampler decodes with the tokenizer's "model" weights, as its codes were extracted with
+        tokenizer = load_tokenizer(args.vq_ckpt, expect_factors=far.config.num_factors,
+                                   prefer=weight_preference(args.vq_ema))
+        check_tokenizer_flags(args, tokenizer)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
+    grid = far.config.grid_size
+    args.image_size = grid * args.downsample_size  # the checkpoint's grid (--image-size, when given, agrees)
+    if far.config.is_gpt:
+        sweep = unguided_below_one(sweep, log)
     if far.config.vocab_size != tokenizer.config.codebook_size:
         sys.exit(f"error: {args.gpt_ckpt} generates codes of a {far.config.vocab_size}-entry codebook, but "
                  f"{args.vq_ckpt} has {tokenizer.config.codebook_size} entries")
@@ -217,6 +241,18 @@ def main(argv=None, num_factors: int = 2):
                 f"{r.precision:8.4f} {r.recall:8.4f}")
     cleanup()
     return outs[0] if len(outs) == 1 else outs
+
+
+def unguided_below_one(sweep: list[list[float]], log) -> list[list[float]]:
+    """LlamaGen guides its GPT only at a scale above 1 (below, its sampler takes the conditional logits alone);
+    a GPT sampled here does the same, so a LlamaGen command line samples the same model."""
+    out = []
+    for scales in sweep:
+        if any(s < 1 for s in scales):
+            log(f"--cfg-scale {_one_or_list(scales)}: a LlamaGen GPT is guided only above 1, as in LlamaGen; "
+                f"sampling it unguided (scale 1)")
+        out.append([max(s, 1.0) for s in scales])
+    return out
 
 
 def parse_scales(text: str) -> list[list[float]]:
