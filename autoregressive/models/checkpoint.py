@@ -66,7 +66,7 @@ def load_far_weights(model: FAR, sd: Mapping[str, torch.Tensor],
     check_state_dict(expected, sd, path, describe_far(model.config))
     on_meta = model.rope.is_meta  # built under torch.device("meta"): take the file's tensors as they are
     model.load_state_dict(sd, strict=True, assign=on_meta)
-    if on_meta and not model.device.type == "meta":
+    if on_meta and model.device.type != "meta":
         model.rope = rope_table(model.config).to(model.device)
 
 
@@ -163,7 +163,7 @@ def released_shape(ckpt: Any, sd: Mapping[str, torch.Tensor], path, gpt_model: O
     if heads is None and n_head is not None:
         heads, heads_from = n_head, f"the caller ({n_head} heads)"
     if heads is None and _size_fits(gpt_model, sd):
-        heads, heads_from = MODELS[gpt_model]["n_head"], f"--gpt-model {gpt_model}"
+        heads, heads_from = MODELS[gpt_model]["n_head"], f"the caller's size (--gpt-model {gpt_model})"
     if heads is None:
         dim, n_layer, ar_n_layer = _shape_of(sd)
         heads = table_heads(dim, n_layer, ar_n_layer)

@@ -139,17 +139,16 @@ FAR_models = {
 # B ... XXL and 3B have released class-conditional checkpoints. GPT-T is not LlamaGen's: like FAR-T, it is for
 # tests, demos and small experiments.
 GPT_models = {
-    "GPT-T": dict(n_layer=4, dim=256, n_head=4),
-    "GPT-B": dict(n_layer=12, dim=768, n_head=12),
-    "GPT-L": dict(n_layer=24, dim=1024, n_head=16),
-    "GPT-XL": dict(n_layer=36, dim=1280, n_head=20),
-    "GPT-XXL": dict(n_layer=48, dim=1536, n_head=24),
-    "GPT-XXXL": dict(n_layer=48, dim=2560, n_head=40),
-    "GPT-1B": dict(n_layer=22, dim=2048, n_head=32),
-    "GPT-3B": dict(n_layer=24, dim=3200, n_head=32),
-    "GPT-7B": dict(n_layer=32, dim=4096, n_head=32),
+    "GPT-T": dict(n_layer=4, dim=256, n_head=4, ar_n_layer=0),
+    "GPT-B": dict(n_layer=12, dim=768, n_head=12, ar_n_layer=0),
+    "GPT-L": dict(n_layer=24, dim=1024, n_head=16, ar_n_layer=0),
+    "GPT-XL": dict(n_layer=36, dim=1280, n_head=20, ar_n_layer=0),
+    "GPT-XXL": dict(n_layer=48, dim=1536, n_head=24, ar_n_layer=0),
+    "GPT-XXXL": dict(n_layer=48, dim=2560, n_head=40, ar_n_layer=0),
+    "GPT-1B": dict(n_layer=22, dim=2048, n_head=32, ar_n_layer=0),
+    "GPT-3B": dict(n_layer=24, dim=3200, n_head=32, ar_n_layer=0),
+    "GPT-7B": dict(n_layer=32, dim=4096, n_head=32, ar_n_layer=0),
 }
-GPT_models = {name: {**size, "ar_n_layer": 0} for name, size in GPT_models.items()}
 MODELS = {**FAR_models, **GPT_models}  # every named size, the --gpt-model choices
 
 
@@ -495,12 +494,14 @@ class FAR(nn.Module):
         rope = self.rope[:T]
         for layer in self.layers:
             h = layer(h, rope)
-        # factor head: at each position a sequence [h_t, emb_1(code_1,t), ..., emb_{F-1}(code_{F-1},t)]
-        ctx = torch.stack([h] + embs[:-1], dim=2).reshape(B * T, Fn, cfg.dim)
-        rope = self.rope[:Fn]
-        for layer in self.ar_head:
-            ctx = layer(ctx, rope)
-        ctx = self.norm(ctx).view(B, T, Fn, cfg.dim)
+        if cfg.is_gpt:  # no factor head: the trunk's output predicts the one factor
+            ctx = self.norm(h)[:, :, None]
+        else:  # factor head: at each position a sequence [h_t, emb_1(code_1,t), ..., emb_{F-1}(code_{F-1},t)]
+            ctx = torch.stack([h] + embs[:-1], dim=2).reshape(B * T, Fn, cfg.dim)
+            rope = self.rope[:Fn]
+            for layer in self.ar_head:
+                ctx = layer(ctx, rope)
+            ctx = self.norm(ctx).view(B, T, Fn, cfg.dim)
         logits = tuple(self.output_layer(f)(ctx[:, :, f]).float() for f in range(Fn))
         if targets is None:
             return FAROutput(logits, None, None)
