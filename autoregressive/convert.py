@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autoregressive.models import describe_far, far_checkpoint
-from autoregressive.models.checkpoint import far_from_checkpoint
+from autoregressive.models.checkpoint import far_from_checkpoint, is_generator_weights
 from tokenizer.models import describe_tokenizer, tokenizer_checkpoint
 from tokenizer.models.checkpoint import tokenizer_from_checkpoint
 from utils.checkpoint import (CheckpointError, extract_weights, load_file, unsafe_load_flag, weight_preference,
@@ -40,7 +40,7 @@ def main(argv=None) -> Path:
     try:
         ckpt = load_file(args.input)
         weights, _ = extract_weights(ckpt, args.input, prefer)
-        if "tok_embeddings_1.weight" in weights:
+        if is_generator_weights(weights):
             model = far_from_checkpoint(ckpt, args.input, prefer=prefer)
             out, description = far_checkpoint(model), describe_far(model.config)
         else:

@@ -1,6 +1,7 @@
 """Generation speed of FAR with random weights; prints ONE JSON line.
 
     python benchmarks/generate.py --gpt-model FAR-B --factors 2 --batch-size 4 --cfg-scale 2.0 --device cpu
+    python benchmarks/generate.py --gpt-model GPT-B --batch-size 4 --cfg-scale 2.0 --device cpu --compile
 
 tokens_per_s counts positions x batch per second (each position carries one code per factor);
 images_per_s = tokens_per_s / positions per image, i.e. extrapolated when --num-positions is below the full
@@ -25,7 +26,7 @@ import time
 import torch
 
 from autoregressive.models.decode_attention import ATTENTION_KERNELS
-from autoregressive.models.far import FAR, FAR_models, far_config
+from autoregressive.models.far import FAR, GPT_models, MODELS, far_config
 from autoregressive.models.generate import generate
 from benchmarks.timing import sync
 from utils.factors import factor_count
@@ -34,8 +35,9 @@ from utils.flags import add_compile_argument, add_precision_argument, torch_dtyp
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpt-model", default="FAR-B", choices=sorted(FAR_models))
-    p.add_argument("--factors", default="2", help="factor count or preset (dual, triple)")
+    p.add_argument("--gpt-model", default="FAR-B", choices=list(MODELS), help="FAR-* or LlamaGen's GPT-*")
+    p.add_argument("--factors", default=None,
+                   help="factor count or preset (dual, triple; default: 2 for FAR-*, 1 for GPT-*)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--cfg-scale", type=float, default=2.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -62,7 +64,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    factors = factor_count(args.factors)
+    factors = factor_count(args.factors) if args.factors else 1 if args.gpt_model in GPT_models else 2
     cfg = far_config(args.gpt_model, factors)
     if not 1 <= args.num_positions <= cfg.block_size:
         p.error(f"--num-positions must be in [1, {cfg.block_size}]")
@@ -70,7 +72,7 @@ def main(argv=None) -> dict:
     with torch.device(device):
         model = FAR(cfg)
     for f in range(cfg.num_factors):  # the init zeroes output layers; random ones give non-trivial sampling
-        torch.nn.init.normal_(model.output(f).weight, std=cfg.initializer_range)
+        torch.nn.init.normal_(model.output_layer(f).weight, std=cfg.initializer_range)
     model = model.to(torch_dtype(dtype_name)).eval()
     labels = torch.randint(0, cfg.num_classes, (args.batch_size,), device=device)
     graphs = args.cuda_graphs if args.cuda_graphs is not None else args.compile and device.type == "cuda"

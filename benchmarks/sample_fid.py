@@ -140,7 +140,7 @@ def build_generator(args, tok: FactorizedTokenizer, s: Settings) -> FAR:
     with torch.device(s.device):
         far = FAR(cfg)
     for f in range(factors):  # the init zeroes the output layers; random ones give non-trivial sampling
-        torch.nn.init.normal_(far.output(f).weight, std=cfg.initializer_range)
+        torch.nn.init.normal_(far.output_layer(f).weight, std=cfg.initializer_range)
     return far.to(s.dtype).eval()
 
 

@@ -1,9 +1,10 @@
 """Deterministic weights for the golden tests.
 
-The golden numbers in ``tests/data/golden.npz`` were computed by the original FQGAN / FAR code with every
-state-dict tensor filled from its key alone (a SplitMix64 stream seeded by the key's crc32). Rebuilding the
-same tensors here lets the tests compare our implementation against those numbers without any real
-checkpoint. The key lists (names and shapes of the released layouts) live in ``tests/data/keys``.
+The golden numbers in ``tests/data/golden.npz`` were computed by the original FQGAN / FAR code, those in
+``tests/data/golden_llamagen.npz`` by LlamaGen's, with every state-dict tensor filled from its key alone (a
+SplitMix64 stream seeded by the key's crc32). Rebuilding the same tensors here lets the tests compare our
+implementation against those numbers without any real checkpoint. The key lists (names and shapes of the
+released layouts) live in ``tests/data/keys``.
 """
 from __future__ import annotations
 
@@ -55,6 +56,19 @@ def reference_state_dict(name: str) -> dict[str, torch.Tensor]:
     return {e["key"]: reference_tensor(e["key"], e["shape"]) for e in reference_keys(name)}
 
 
-def golden() -> dict[str, np.ndarray]:
-    with np.load(DATA / "golden.npz") as g:
+def golden(name: str = "golden") -> dict[str, np.ndarray]:
+    """The arrays of ``tests/data/<name>.npz`` ("golden": FQGAN / FAR; "golden_llamagen": LlamaGen)."""
+    with np.load(DATA / f"{name}.npz") as g:
         return {k: g[k] for k in g.files}
+
+
+def coffee(size: int) -> torch.Tensor:
+    """The golden numbers' input: scikit-image's ``coffee.png`` after the ADM centre crop to ``size``, as the
+    model input (1, 3, size, size) in [-1, 1] (the golden files keep only the 256 px crop)."""
+    from PIL import Image
+    from skimage import data
+
+    from utils.data import center_crop_arr
+
+    img = np.asarray(center_crop_arr(Image.fromarray(data.coffee()), size))
+    return torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1

@@ -302,5 +302,5 @@ def test_presets_and_fresh_init():
     assert far_config("FAR-L").ffn_hidden_dim == 3584
     model = FAR(far_config("FAR-T", 2, vocab_size=64, block_size=16))
     assert model.output_1.weight.abs().sum() == 0  # zero output layers: uniform predictions at init
-    with pytest.raises(ValueError, match="unknown FAR model"):
+    with pytest.raises(ValueError, match="unknown model .FAR-XXL."):
         far_config("FAR-XXL")

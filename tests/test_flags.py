@@ -182,9 +182,11 @@ def test_recipes_set_defaults_that_flags_override(capsys):
     cfg = tokenizer_train.parse_config(TOK + ["--recipe", "fqgan-dual", "--lr", "1e-3", "--no-clip-supervision"])
     assert cfg.lr == 1e-3 and not cfg.with_clip_supervision and cfg.epochs == 40
     assert train_c2i.parse_config(FAR + ["--recipe", "far"], 3).ckpt_every == 125000
-    with pytest.raises(ValueError, match=r"--recipe fqgan-triple trains an FQGAN-triple tokenizer, not FQGAN-dual: "
+    with pytest.raises(ValueError, match=r"--recipe fqgan-triple trains a triple tokenizer, not a dual one: "
                                          r"use tokenizer/vq_train_triple.py"):
         tokenizer_train.parse_config(TOK + ["--recipe", "fqgan-triple"], "dual")
+    single = tokenizer_train.parse_config(TOK + ["--recipe", "llamagen-vq"], "single")
+    assert (single.global_batch_size, single.lr, single.with_clip_supervision) == (128, 1e-4, False)
     with pytest.raises(SystemExit) as e:
         tokenizer_train.parse_config(TOK + ["--recipe", "nope"])
     assert e.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err

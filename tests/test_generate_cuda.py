@@ -91,7 +91,7 @@ def test_bf16_far_t_compiled_full_image(attention):
     with torch.device("cuda"):
         model = FAR(far_config("FAR-T", 3, vocab_size=512, block_size=64))
     for f in range(3):
-        torch.nn.init.normal_(model.output(f).weight, std=0.02)
+        torch.nn.init.normal_(model.output_layer(f).weight, std=0.02)
     model = model.to(torch.bfloat16)
     labels = torch.arange(16, device="cuda")
     kw = dict(cfg_scale=2.0, top_k=0, seed=0, compile=True, attention=attention)

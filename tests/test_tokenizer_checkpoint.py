@@ -112,7 +112,7 @@ def test_wrong_factor_count_and_bad_files(tmp_path):
     with pytest.raises(CheckpointError, match="junk.pt: not a readable torch checkpoint"):
         load_tokenizer(tmp_path / "junk.pt")
     torch.save({"model": {"foo.weight": torch.zeros(1)}}, tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match="not FQGAN tokenizer weights"):
+    with pytest.raises(CheckpointError, match="not FQGAN or LlamaGen tokenizer weights"):
         load_tokenizer(tmp_path / "other.pt")
     torch.save({"optimizer": {}}, tmp_path / "noweights.pt")
     with pytest.raises(CheckpointError, match=r"no weights under any of \['ema', 'model', 'state_dict'\]"):

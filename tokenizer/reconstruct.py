@@ -1,5 +1,6 @@
 """Reconstruction evaluation of a tokenizer: one implementation behind ``reconstruction_vq_ddp_dual.py`` and
-``reconstruction_vq_ddp_triple.py`` (which only fix the factor count).
+``reconstruction_vq_ddp_triple.py`` (which only fix the factor count) and LlamaGen's ``reconstruction_vq_ddp.py``
+(any tokenizer, the factor count read from the checkpoint: LlamaGen's ``vq_ds16_c2i.pt`` as well).
 
 For every image of the set (ADM centre crop, dataset order, each exactly once whatever the world size) it
 writes the reconstruction into ``<sample-dir>/<folder-name>.npz`` (``arr_0``, uint8 N x H x W x 3; row i is the
@@ -72,8 +73,10 @@ class ReconstructConfig(TokenizerFlags, FIDFlags):
     unsafe_load: bool = unsafe_load_flag()
 
 
-def parse_config(argv=None, num_factors: int = 2) -> ReconstructConfig:
-    return parse(ReconstructConfig, argv, f"Reconstruction evaluation of an FQGAN-{preset_name(num_factors)} tokenizer.")
+def parse_config(argv=None, num_factors: Optional[int] = 2) -> ReconstructConfig:
+    kind = "a tokenizer (FQGAN's or LlamaGen's: the checkpoint decides)" if num_factors is None else \
+        f"an FQGAN-{preset_name(num_factors)} tokenizer"
+    return parse(ReconstructConfig, argv, f"Reconstruction evaluation of {kind}.")
 
 
 def image_metrics(recon_u8: np.ndarray, target01: np.ndarray) -> tuple[list[float], list[float], list[float]]:
@@ -99,14 +102,15 @@ def _lpips_or_none(vgg_path: Optional[str], device: torch.device, log) -> Option
         return None
 
 
-def main(argv=None, num_factors: int = 2) -> dict:
+def main(argv=None, num_factors: Optional[int] = 2) -> dict:
+    """Evaluate; ``num_factors`` None takes any tokenizer, the factor count read from ``--vq-ckpt``."""
     cfg = parse_config(argv, num_factors)
     with exits_on(UnreadableImage):
         return evaluate(cfg, num_factors)
 
 
 @torch.no_grad()  # evaluation only (and leaves grad mode alone for in-process callers)
-def evaluate(cfg: ReconstructConfig, num_factors: int) -> dict:
+def evaluate(cfg: ReconstructConfig, num_factors: Optional[int]) -> dict:
     """Reconstruct every image of ``--data-path``, write the npz, and compute and write the metrics."""
     info = init_distributed()
     if not cfg.no_tf32:
@@ -121,6 +125,7 @@ def evaluate(cfg: ReconstructConfig, num_factors: int) -> dict:
         sys.exit(f"error: {e}")
     model = model.to(info.device)
     tok = model.config
+    num_factors = tok.num_factors
     log(f"Loaded {describe_tokenizer(tok)} from {model.loaded_from}")
     lpips = _lpips_or_none(cfg.vgg_path, info.device, log)
 

@@ -1,4 +1,6 @@
-"""The tokenizer training loop: one implementation behind ``vq_train_dual.py`` and ``vq_train_triple.py``.
+"""The tokenizer training loop: one implementation behind ``vq_train_dual.py`` and ``vq_train_triple.py``, and
+for LlamaGen's single codebook (``main(preset="single")``, ``--recipe llamagen-vq``: without semantic supervision
+or disentanglement, which need a semantic factor and two factors).
 
 Runs under ``torchrun`` (DDP; NCCL on GPUs, gloo on CPUs) or as a plain ``python`` process. ``TrainConfig`` is
 the command line; ``build`` turns it into everything a run trains with (a ``Trainer``); ``utils.training.train``
@@ -26,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from tokenizer.losses import FQGANLoss, LossConfig, RealAndFake, build_discriminator
 from tokenizer.models import (FactorizedTokenizer, TokenizerConfig, describe_tokenizer, infer_tokenizer_config,
-                              load_tokenizer_weights, tokenizer_checkpoint, tokenizer_config)
+                              load_tokenizer_weights, preset_factors, tokenizer_checkpoint, tokenizer_config)
 from tokenizer.teachers import (TeacherUnavailableError, Teachers, load_teachers, teacher_field,
                                 teacher_fields_outside, teacher_overrides_from_args)
 from utils.argtypes import nonnegative_float, nonnegative_int, positive_int, unit_float
@@ -36,7 +38,7 @@ from utils.ema import new_ema, update_ema
 from utils.flags import alias, compile_flag, config_parser, flag, ignored, parse, require
 from utils.images import save_grid
 from utils.logs import MetricWriter
-from utils.recipes import RECIPE_PRESETS, TOKENIZER_RECIPES
+from utils.recipes import PRESET_SCRIPTS, RECIPE_PRESETS, TOKENIZER_RECIPES
 from utils.resume import Position, resume_run
 from utils.rng import seed_everything
 from utils.run import Run, RunConfig, start_run
@@ -118,9 +120,14 @@ class TrainConfig(RunConfig):
         super().__post_init__()
         self.channel_multipliers()  # a malformed --ch-mult fails here
         require(not (self.finetune and not self.vq_ckpt), "--finetune starts from --vq-ckpt's weights: give one")
+        factors = preset_factors(self.preset)
+        require(not (self.with_clip_supervision and not any(f.head_width for f in factors)),
+                f"--with_clip_supervision: the {self.preset} tokenizer has no semantic factor to supervise")
+        require(not (self.with_disentanglement and len(factors) < 2),
+                f"--with_disentanglement: the {self.preset} tokenizer has one factor, nothing to disentangle")
         wanted = RECIPE_PRESETS.get(self.recipe, self.preset) if self.recipe else self.preset
-        require(wanted == self.preset, f"--recipe {self.recipe} trains an FQGAN-{wanted} tokenizer, not "
-                                       f"FQGAN-{self.preset}: use tokenizer/vq_train_{wanted}.py")
+        require(wanted == self.preset, f"--recipe {self.recipe} trains a {wanted} tokenizer, not a {self.preset} "
+                                       f"one: use {PRESET_SCRIPTS[wanted]}")
 
     def channel_multipliers(self) -> Optional[tuple[int, ...]]:
         if not self.ch_mult:
@@ -142,7 +149,8 @@ class TrainConfig(RunConfig):
 
 def command_line(preset: str) -> dict[str, Any]:
     """How ``vq_train_<preset>.py``'s parser is derived from ``TrainConfig``: only the preset's teacher flags."""
-    return dict(description=f"Train an FQGAN-{preset} tokenizer.", exclude=teacher_fields_outside(preset))
+    kind = "a single-codebook (LlamaGen VQ)" if preset == "single" else f"an FQGAN-{preset}"
+    return dict(description=f"Train {kind} tokenizer.", exclude=teacher_fields_outside(preset))
 
 
 def get_parser(preset: str = "dual") -> argparse.ArgumentParser:

@@ -341,11 +341,12 @@ class LoadedFrom:
     path: str
     weights: str  # the checkpoint entry: "model", "ema", "state_dict", or "" for a bare state dict
     config_stored: bool  # built from the config saved in the file (else inferred from key names and shapes)
+    note: str = ""  # how what the weights cannot tell was decided, for an inferred config
 
     def __str__(self) -> str:
         weights = f"'{self.weights}' weights" if self.weights else "a bare state dict"
         config = "its stored config" if self.config_stored else "config inferred from the weights"
-        return f"{self.path} ({weights}, {config})"
+        return f"{self.path} ({weights}, {config}{'; ' + self.note if self.note else ''})"
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -1,24 +1,30 @@
 """The factor vocabulary shared by the tokenizer and the generator: preset names, factor counts, factor names.
 
 A tokenizer's factors are named (``vis``, ``sem``, ...) and ordered, visual first; the generator only knows how
-many there are, and labels its per-factor losses with the same names. The two presets are the paper's:
+many there are, and labels its per-factor losses with the same names. The presets are the paper's two and
+the single codebook it compares with:
 
+    single  1 factor    vis
     dual    2 factors   vis, sem
     triple  3 factors   vis, sem_mid, sem_high
 
 Any other count is allowed ("a 4-factor tokenizer"); its factors are then named by the tokenizer config, and
 the generator calls them ``factor1``, ``factor2``, ...
+
+``single`` is one codebook: LlamaGen's VQ tokenizer (``vq_ds16_c2i.pt``) and its GPT generators are this
+project's tokenizer and FAR with one factor (see tokenizer.models.fqgan and autoregressive.models.far).
 """
 from __future__ import annotations
 
 PRESET_FACTORS: dict[str, tuple[str, ...]] = {
+    "single": ("vis",),
     "dual": ("vis", "sem"),
     "triple": ("vis", "sem_mid", "sem_high"),
 }
 
 
 def preset_name(num_factors: int) -> str:
-    """``dual`` / ``triple`` for the paper's counts, else ``<n>-factor`` (for messages and descriptions)."""
+    """``single`` / ``dual`` / ``triple`` for the presets' counts, else ``<n>-factor`` (messages, descriptions)."""
     for name, factors in PRESET_FACTORS.items():
         if len(factors) == num_factors:
             return name

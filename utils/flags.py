@@ -241,12 +241,14 @@ def recipe_defaults(cls: type, argv: Optional[Sequence[str]], recipes: Mapping[s
 
 
 def parse(cls: type, argv: Optional[Sequence[str]] = None, description: str = "", *,
-                 exclude: Sequence[str] = (), recipes: Optional[Mapping[str, Mapping[str, Any]]] = None,
-                 formatter_class: type = argparse.HelpFormatter, say: Callable[[str], None] = print, **fixed: Any):
+          exclude: Sequence[str] = (), recipes: Optional[Mapping[str, Mapping[str, Any]]] = None,
+          defaults: Optional[Mapping[str, Any]] = None, formatter_class: type = argparse.HelpFormatter,
+          say: Callable[[str], None] = print, **fixed: Any):
     """Parse ``argv`` into a frozen ``cls``: bad values stop with argparse's one-line error (exit 2), bad
     combinations raise the config's ValueError (one line; entry points exit with it). The ignored compatibility
-    flags that were given are reported (rank 0). ``fixed``: field values that are not flags (e.g. the preset)."""
-    defaults = recipe_defaults(cls, argv, recipes) if recipes else {}
+    flags that were given are reported (rank 0). ``defaults`` replace fields' defaults (an entry point's own, e.g.
+    LlamaGen's sampler), a ``--recipe`` replaces those; ``fixed``: field values that are not flags (the preset)."""
+    defaults = {**(defaults or {}), **(recipe_defaults(cls, argv, recipes) if recipes else {})}
     parser = config_parser(cls, description, exclude=exclude, defaults=defaults, formatter_class=formatter_class)
     args = parser.parse_args(argv)
     table = getattr(cls, "IGNORED", ())

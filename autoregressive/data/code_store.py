@@ -154,7 +154,7 @@ def read_manifest(root: str | os.PathLike) -> CodeStoreInfo:
     if not path.is_file():
         hint = " (extraction did not finish?)" if any(root.glob("codes_*.npy")) or any(root.glob(".codes_*")) else ""
         raise CodeStoreError(f"--code-path {root}: no {MANIFEST}{hint}; run autoregressive/train/"
-                             f"extract_codes_c2i_*_code.py first")
+                             f"extract_codes_c2i*.py first")
     try:
         info = CodeStoreInfo(**json.loads(path.read_text()))
     except (ValueError, TypeError) as e:

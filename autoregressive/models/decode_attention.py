@@ -29,7 +29,8 @@ The kernels (``ATTENTION_KERNELS``, chosen with ``generate(..., attention=NAME)`
   the slices are combined with their log-sum-exp weights. It is the custom op ``fqgan::split_kv_attention``
   (with a fake implementation), so it sits inside ``torch.compile(fullgraph=True)`` graphs and CUDA graphs as
   one opaque call. On a CPU it runs under Triton's interpreter when ``TRITON_INTERPRET=1`` (tests), else the
-  same split-KV algorithm in plain torch.
+  same split-KV algorithm in plain torch. A head dim that is not a power of two (GPT-3B's 100) is padded to
+  one inside the kernel (masked loads: the padding costs lanes, not memory traffic).
 
 Block-wise kernels read whole blocks of 16; the trunk's cache length is rounded up to a multiple of 16
 (``far.cache_length``), so the last block is always inside the buffer.
@@ -145,10 +146,12 @@ def _triton_kernel():
     @triton.jit
     def split_kv_kernel(Q, K, V, LEN, M, S, ACC, stride_qb, stride_qh, stride_kb, stride_kh, stride_kl,
                         stride_vb, stride_vh, stride_vl, scale, KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
-                        GROUP_P2: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr,
-                        NSPLIT: tl.constexpr):
+                        GROUP_P2: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr, BLOCK: tl.constexpr,
+                        SPLIT: tl.constexpr, NSPLIT: tl.constexpr):
         # program (row * KV_HEADS + kv head, split): the GROUP query heads of one KV head, against the filled
-        # entries of keys [split * SPLIT, (split + 1) * SPLIT); K and V are read once for the whole group
+        # entries of keys [split * SPLIT, (split + 1) * SPLIT); K and V are read once for the whole group.
+        # Head channels are padded to D_P2 (Triton's blocks are powers of two; GPT-3B's heads have 100): the
+        # padding reads zeros and is never stored
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = pid // KV_HEADS
@@ -156,33 +159,35 @@ def _triton_kernel():
         n = tl.load(LEN)
         lo = split * SPLIT
         hi = tl.minimum(lo + SPLIT, n)
-        d = tl.arange(0, D)
+        d = tl.arange(0, D_P2)
+        d_ok = d < D
         g = tl.arange(0, GROUP_P2)
         g_ok = g < GROUP
         q_ptrs = Q + b * stride_qb + (kv_h * GROUP + g)[:, None] * stride_qh + d[None, :]
-        q = tl.load(q_ptrs, mask=g_ok[:, None], other=0.0).to(tl.float32) * scale          # (G, D)
+        q = tl.load(q_ptrs, mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * scale  # (G, D)
         k_base = K + b * stride_kb + kv_h * stride_kh
         v_base = V + b * stride_vb + kv_h * stride_vh
         m_i = tl.full([GROUP_P2], float("-inf"), tl.float32)
         s_i = tl.zeros([GROUP_P2], tl.float32)
-        acc = tl.zeros([GROUP_P2, D], tl.float32)
+        acc = tl.zeros([GROUP_P2, D_P2], tl.float32)
         for start in range(lo, hi, BLOCK):  # only the filled blocks of this slice are read
             offs = start + tl.arange(0, BLOCK)
             ok = offs < hi
-            kb = tl.load(k_base + offs[:, None] * stride_kl + d[None, :], mask=ok[:, None], other=0.0)
+            kv_ok = ok[:, None] & d_ok[None, :]
+            kb = tl.load(k_base + offs[:, None] * stride_kl + d[None, :], mask=kv_ok, other=0.0)
             scores = tl.sum(q[:, None, :] * kb.to(tl.float32)[None, :, :], 2)                # (G, BLOCK)
             scores = tl.where(ok[None, :], scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, 1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(scores - m_new[:, None])
-            vb = tl.load(v_base + offs[:, None] * stride_vl + d[None, :], mask=ok[:, None], other=0.0)
+            vb = tl.load(v_base + offs[:, None] * stride_vl + d[None, :], mask=kv_ok, other=0.0)
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vb.to(tl.float32)[None, :, :], 1)
             s_i = s_i * alpha + tl.sum(p, 1)
             m_i = m_new
         out = (b * KV_HEADS * GROUP + kv_h * GROUP + g) * NSPLIT + split                    # (G,)
         tl.store(M + out, m_i, mask=g_ok)
         tl.store(S + out, s_i, mask=g_ok)
-        tl.store(ACC + out[:, None] * D + d[None, :], acc, mask=g_ok[:, None])
+        tl.store(ACC + out[:, None] * D + d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
 
     _triton_kernels[key] = split_kv_kernel
     return split_kv_kernel
@@ -225,8 +230,6 @@ def split_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length
         return _split_kv_torch(q, k, v, length)
     B, H, _, d = q.shape
     L = k.shape[2]
-    if d & (d - 1):
-        raise ValueError(f"the Triton decode kernel needs a power-of-two head dim, got {d}")
     kv_heads = k.shape[1]
     group = H // kv_heads
     # Split the keys only when (row, KV head) pairs are too few to fill the device: at FAR-B's 2048 rows one
@@ -242,8 +245,8 @@ def split_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length
     group_p2 = max(2, 1 << (group - 1).bit_length())
     kernel[(B * kv_heads, nsplit)](q, k, v, length, m, s, acc, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                                    k.stride(2), v.stride(0), v.stride(1), v.stride(2), d ** -0.5,
-                                   KV_HEADS=kv_heads, GROUP=group, GROUP_P2=group_p2, D=d, BLOCK=KV_BLOCK,
-                                   SPLIT=split, NSPLIT=nsplit)
+                                   KV_HEADS=kv_heads, GROUP=group, GROUP_P2=group_p2, D=d,
+                                   D_P2=1 << (d - 1).bit_length(), BLOCK=KV_BLOCK, SPLIT=split, NSPLIT=nsplit)
     return _combine(m, s, acc).view(B, H, 1, d).to(q.dtype)
 
 

@@ -14,10 +14,16 @@ first, then the semantic ones). FAR is LlamaGen's class-conditional GPT with two
 
 so the trunk models positions and the factor head models the factors inside one position.
 
+LlamaGen's GPT (``GPT-B`` ... ``GPT-7B``) is FAR with one factor, no factor head (``ar_n_layer=0``) and no
+aggregation layer: the code embedding enters the trunk as it is and the trunk's output goes through the norm to
+the output layer. A config with one factor and no factor-head layer is that model (``FARConfig.is_gpt``; the
+aggregation layer of a single embedding would only compose with it) and uses LlamaGen's names
+(``tok_embeddings``, ``output``).
+
 Parameter names are those of the released checkpoints (``tok_embeddings_1``, ``aggregation_layer``,
-``layers.*``, ``ar_head.*``, ``output_1`` ...), so a released state dict loads with ``load_state_dict`` and
-every file we write loads into the original code. Checkpoint helpers are in ``checkpoint.py``, sampling in
-``generate.py``.
+``layers.*``, ``ar_head.*``, ``output_1`` ...; LlamaGen's for a GPT), so a released state dict loads with
+``load_state_dict`` and every file we write loads into the original code. Checkpoint helpers are in
+``checkpoint.py``, sampling in ``generate.py``.
 """
 from __future__ import annotations
 
@@ -105,6 +111,11 @@ class FARConfig:
         return find_multiple(hidden, self.multiple_of)
 
     @property
+    def is_gpt(self) -> bool:
+        """LlamaGen's GPT: one factor and no factor head, hence no aggregation layer and LlamaGen's names."""
+        return self.num_factors == 1 and self.ar_n_layer == 0
+
+    @property
     def has_null_class(self) -> bool:
         return self.class_dropout_prob > 0
 
@@ -124,11 +135,39 @@ FAR_models = {
     "FAR-B": dict(n_layer=24, dim=1024, n_head=16, ar_n_layer=3),
     "FAR-L": dict(n_layer=36, dim=1280, n_head=20, ar_n_layer=4),
 }
+# LlamaGen's GPT sizes (one factor, no factor head): 64-dimensional heads but for GPT-3B (100) and GPT-7B (128).
+# B ... XXL and 3B have released class-conditional checkpoints. GPT-T is not LlamaGen's: like FAR-T, it is for
+# tests, demos and small experiments.
+GPT_models = {
+    "GPT-T": dict(n_layer=4, dim=256, n_head=4, ar_n_layer=0),
+    "GPT-B": dict(n_layer=12, dim=768, n_head=12, ar_n_layer=0),
+    "GPT-L": dict(n_layer=24, dim=1024, n_head=16, ar_n_layer=0),
+    "GPT-XL": dict(n_layer=36, dim=1280, n_head=20, ar_n_layer=0),
+    "GPT-XXL": dict(n_layer=48, dim=1536, n_head=24, ar_n_layer=0),
+    "GPT-XXXL": dict(n_layer=48, dim=2560, n_head=40, ar_n_layer=0),
+    "GPT-1B": dict(n_layer=22, dim=2048, n_head=32, ar_n_layer=0),
+    "GPT-3B": dict(n_layer=24, dim=3200, n_head=32, ar_n_layer=0),
+    "GPT-7B": dict(n_layer=32, dim=4096, n_head=32, ar_n_layer=0),
+}
+MODELS = {**FAR_models, **GPT_models}  # every named size, the --gpt-model choices
+
+
 def far_config(name: str = "FAR-B", num_factors: int | str = 2, **overrides) -> FARConfig:
-    """The config of a named size; ``num_factors`` is a count or a preset name ('dual', 'triple')."""
-    if name not in FAR_models:
-        raise ValueError(f"unknown FAR model {name!r}; choose from {sorted(FAR_models)}")
-    return FARConfig(**{**FAR_models[name], "num_factors": factor_count(num_factors), **overrides})
+    """The config of a named size (``FAR-*``, or LlamaGen's ``GPT-*``, which have one factor); ``num_factors``
+    is a count or a preset name ('single', 'dual', 'triple')."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {list(MODELS)}")
+    count = factor_count(num_factors)
+    if name in GPT_models and count != 1:
+        raise ValueError(f"{name} is LlamaGen's single-codebook generator: it predicts 1 factor, not {count} "
+                         f"(use a FAR-* size for {count}-factor codes)")
+    return FARConfig(**{**MODELS[name], "num_factors": count, **overrides})
+
+
+def size_name(cfg: FARConfig) -> Optional[str]:
+    """The named size whose width, depths and heads ``cfg`` has (a GPT config only matches GPT names)."""
+    table = GPT_models if cfg.is_gpt else FAR_models
+    return next((n for n, s in table.items() if all(getattr(cfg, k) == v for k, v in s.items())), None)
 
 
 def cache_length(cfg: FARConfig) -> int:
@@ -335,15 +374,16 @@ class FAR(nn.Module):
         Fn = cfg.num_factors
         self.cls_embedding = LabelEmbedder(cfg.num_classes, cfg.dim, cfg.class_dropout_prob)
         for f in range(Fn):
-            setattr(self, f"tok_embeddings_{f + 1}", nn.Embedding(cfg.vocab_size, cfg.dim))
-        self.aggregation_layer = nn.Linear(Fn * cfg.dim, cfg.dim)  # mixes the F code embeddings of a position
+            setattr(self, self._embedding_name(f), nn.Embedding(cfg.vocab_size, cfg.dim))
+        if not cfg.is_gpt:
+            self.aggregation_layer = nn.Linear(Fn * cfg.dim, cfg.dim)  # mixes the F code embeddings of a position
         self.tok_dropout = nn.Dropout(cfg.token_dropout_p)
         # stochastic depth grows linearly with depth, from 0 to drop_path_rate, in trunk and head alike
         self.layers = nn.ModuleList(TransformerBlock(cfg, p) for p in _ramp(cfg.drop_path_rate, cfg.n_layer))
         self.ar_head = nn.ModuleList(TransformerBlock(cfg, p) for p in _ramp(cfg.drop_path_rate, cfg.ar_n_layer))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)  # shared by all factors, applied to the factor-head output
         for f in range(Fn):
-            setattr(self, f"output_{f + 1}", nn.Linear(cfg.dim, cfg.vocab_size, bias=False))
+            setattr(self, self._output_name(f), nn.Linear(cfg.dim, cfg.vocab_size, bias=False))
         self.register_buffer("rope", rope_table(cfg), persistent=False)
         self.initialize_weights()
 
@@ -358,7 +398,7 @@ class FAR(nn.Module):
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
         for f in range(self.config.num_factors):
-            nn.init.zeros_(self.output(f).weight)
+            nn.init.zeros_(self.output_layer(f).weight)
 
     def _apply(self, fn, recurse=True):
         # Rebuild the rotary table after every move/cast: .to(bfloat16) would round it (the original keeps it
@@ -367,12 +407,31 @@ class FAR(nn.Module):
         self.rope = rope_table(self.config).to(self.rope.device)
         return self
 
+    def _embedding_name(self, f: int) -> str:
+        return "tok_embeddings" if self.config.is_gpt else f"tok_embeddings_{f + 1}"
+
+    def _output_name(self, f: int) -> str:
+        return "output" if self.config.is_gpt else f"output_{f + 1}"
+
     def tok_embedding(self, f: int) -> nn.Embedding:
         """Embedding table of factor f (0-based: 0 is the visual factor)."""
-        return getattr(self, f"tok_embeddings_{f + 1}")
+        return getattr(self, self._embedding_name(f))
 
-    def output(self, f: int) -> nn.Linear:
-        return getattr(self, f"output_{f + 1}")
+    def output_layer(self, f: int) -> nn.Linear:
+        """Output layer (logits) of factor f."""
+        return getattr(self, self._output_name(f))
+
+    @property
+    def device(self) -> torch.device:
+        return self.cls_embedding.embedding_table.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.cls_embedding.embedding_table.weight.dtype
+
+    def aggregate(self, embs: list[torch.Tensor]) -> torch.Tensor:
+        """The trunk input of a position from its F code embeddings (a GPT's single embedding as it is)."""
+        return embs[0] if self.config.is_gpt else self.aggregation_layer(torch.cat(embs, dim=-1))
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -428,20 +487,22 @@ class FAR(nn.Module):
         self.check_labels(cond, values=values)
         B, T, Fn = idx.shape
         embs = [self.tok_embedding(f)(idx[..., f]) for f in range(Fn)]           # F x (B, T, D)
-        x = self.aggregation_layer(torch.cat(embs, dim=-1))
+        x = self.aggregate(embs)
         # position t sees the class token and the codes of positions < t
         h = torch.cat([self.cls_embedding(cond)[:, None], x[:, :-1]], dim=1)
         h = self.tok_dropout(h)
         rope = self.rope[:T]
         for layer in self.layers:
             h = layer(h, rope)
-        # factor head: at each position a sequence [h_t, emb_1(code_1,t), ..., emb_{F-1}(code_{F-1},t)]
-        ctx = torch.stack([h] + embs[:-1], dim=2).reshape(B * T, Fn, cfg.dim)
-        rope = self.rope[:Fn]
-        for layer in self.ar_head:
-            ctx = layer(ctx, rope)
-        ctx = self.norm(ctx).view(B, T, Fn, cfg.dim)
-        logits = tuple(self.output(f)(ctx[:, :, f]).float() for f in range(Fn))
+        if cfg.is_gpt:  # no factor head: the trunk's output predicts the one factor
+            ctx = self.norm(h)[:, :, None]
+        else:  # factor head: at each position a sequence [h_t, emb_1(code_1,t), ..., emb_{F-1}(code_{F-1},t)]
+            ctx = torch.stack([h] + embs[:-1], dim=2).reshape(B * T, Fn, cfg.dim)
+            rope = self.rope[:Fn]
+            for layer in self.ar_head:
+                ctx = layer(ctx, rope)
+            ctx = self.norm(ctx).view(B, T, Fn, cfg.dim)
+        logits = tuple(self.output_layer(f)(ctx[:, :, f]).float() for f in range(Fn))
         if targets is None:
             return FAROutput(logits, None, None)
         if targets.shape != idx.shape:
@@ -458,8 +519,8 @@ class FAR(nn.Module):
         whole blocks of the decode kernels), the factor head's for its F steps (overwritten at every
         position). Caches of the right shape are kept, not reallocated."""
         cfg = self.config
-        dtype = dtype or self.aggregation_layer.weight.dtype
-        device = device or self.aggregation_layer.weight.device
+        dtype = dtype or self.dtype
+        device = device or self.device
         for layers, length in ((self.layers, cache_length(cfg)), (self.ar_head, cfg.num_factors)):
             for layer in layers:
                 c = layer.attention.kv_cache
@@ -469,8 +530,7 @@ class FAR(nn.Module):
 
     def embed_position(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, F) codes of one position -> (B, 1, D) trunk input for the next position."""
-        return self.aggregation_layer(torch.cat([self.tok_embedding(f)(tokens[:, f:f + 1])
-                                                 for f in range(self.config.num_factors)], dim=-1))
+        return self.aggregate([self.tok_embedding(f)(tokens[:, f:f + 1]) for f in range(self.config.num_factors)])
 
     def trunk_step(self, x: torch.Tensor, input_pos: torch.Tensor, kv_len=None,
                    kernel: str = "sdpa") -> torch.Tensor:
@@ -503,4 +563,4 @@ class FAR(nn.Module):
         rope = self.rope[step:step + 1]
         for layer in self.ar_head:
             x = layer.cached_step(x, rope, pos, None, step + 1, kernel)
-        return self.output(step)(self.norm(x[:, -1])).float()
+        return self.output_layer(step)(self.norm(x[:, -1])).float()

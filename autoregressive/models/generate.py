@@ -240,7 +240,7 @@ class CudaGraphGeneration:
     @torch.no_grad()
     def __init__(self, model: FAR, batch: int, plans: Sequence[SamplingPlan], compile: bool):
         cfg = model.config
-        dev = model.aggregation_layer.weight.device
+        dev = model.device
         self.batch, self.plans, self.compile = batch, tuple(plans), compile
         self.doubled = plans[0].doubled
         rows = 2 * batch if self.doubled else batch
@@ -349,7 +349,7 @@ def generate(model: FAR, labels: Union[torch.Tensor, Sequence[int]], num_positio
     """
     cfg = model.config
     Fn = cfg.num_factors
-    device = model.aggregation_layer.weight.device
+    device = model.device
     labels = torch.as_tensor(labels, device=device)
     model.check_labels(labels, values=check_label_values)
     scales = per_factor(cfg_scale, Fn, "cfg_scale")

@@ -209,7 +209,7 @@ def sample_images(far: FAR, decoder: ImageDecoder, labels: np.ndarray, rows: np.
     the writer thread; this returns once every row is written. ``features`` (e.g. --fid-ref's Inception) sees
     each decoded uint8 batch on the device; then ``write`` gets ``(labels, features(images))`` instead of labels,
     so what it returns is stored with the images (and its device work overlaps the next batch)."""
-    device = far.aggregation_layer.weight.device
+    device = far.device
     if len(rows):  # the labels' values, once, on the host: generate() then skips its device-side look (a sync)
         far.check_labels(torch.from_numpy(np.asarray(labels[rows])), allow_null=False)
     with AsyncWriter(write) as writer:

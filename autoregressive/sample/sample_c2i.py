@@ -1,5 +1,8 @@
 """Class-conditional sampling from a FAR generator into an FID-ready npz; one implementation behind
-``sample_c2i_ddp_dual_code.py`` and ``sample_c2i_ddp_triple_code.py``.
+``sample_c2i_ddp_dual_code.py`` and ``sample_c2i_ddp_triple_code.py``, and LlamaGen's ``sample_c2i_ddp.py`` (any
+generator, FAR or LlamaGen's GPT, its factor count read from the checkpoint; LlamaGen's defaults ``--gpt-model
+GPT-B``, ``--image-size 384``). The token grid is the checkpoint's (stored config or training args; else
+``--image-size`` / ``--downsample-size``). A GPT, as LlamaGen's sampler, guides only at a ``--cfg-scale`` above 1.
 
 Writes ``<sample-dir>/<name>.npz`` with ``arr_0`` (exactly ``--num-fid-samples`` uint8 images, split across the
 ranks) and ``arr_1`` (their class labels), directly (no PNG folder round trip), plus ``<name>.png``, a grid of
@@ -35,7 +38,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from autoregressive.models import FAR_models, describe_far, load_far
+from autoregressive.models import MODELS, describe_far, load_far
 from autoregressive.models.decode_attention import ATTENTION_KERNELS
 from autoregressive.sample.pipeline import ImageDecoder, auto_batch_size, sample_images
 from evaluations.inprocess import POOL, SPATIAL, FIDFlags, InProcessFID, write_result
@@ -60,8 +63,9 @@ class SampleConfig(TokenizerFlags, FIDFlags):
         ignored("--gpt-type", type=str, choices=["c2i"], default="c2i", help="class-conditional is the only type"),
         ignored("--cls-token-num", type=positive_int, default=1, help="the checkpoint decides"),
     )
-    gpt_model: str = flag("FAR-B", choices=tuple(FAR_models),
-                          help="names the output; the checkpoint decides the architecture")
+    gpt_model: str = flag("FAR-B", choices=tuple(MODELS),
+                          help="names the output; the checkpoint decides the architecture (this gives the head count "
+                               "of a file that does not say it)")
     gpt_ckpt: str = flag("", required=True, help="the generator checkpoint")
     ema: bool = flag(False, help="sample with the generator's EMA weights (default: 'model', as the original sampler)")
     precision: str = precision_flag("bf16", "generator dtype on GPU (CPU runs fp32)")
@@ -69,12 +73,17 @@ class SampleConfig(TokenizerFlags, FIDFlags):
                                                  "on with a GPU)", output=False)
     vq_ema: bool = flag(False, help="decode with the tokenizer's EMA weights (default: 'model', which extraction "
                                     "encodes with)")
-    image_size: int = flag(256, type=positive_int)
+    image_size: Optional[int] = flag(None, type=positive_int,
+                                     help="image size the generator was trained at (default: the checkpoint's, from "
+                                          "its config or training args; else 256, or 384 for sample_c2i_ddp.py as "
+                                          "LlamaGen)")
     image_size_eval: int = flag(256, type=positive_int)
     downsample_size: int = flag(16, type=int, choices=(4, 8, 16))
     num_classes: int = flag(1000, type=positive_int)
     cfg_scale: tuple[float, ...] = flag((1.5,), type=finite_float, nargs="+",
-                                        help="guidance scale: one value, or one per factor (visual first)")
+                                        help="guidance scale: one value, or one per factor (visual first). A LlamaGen "
+                                             "GPT, as in LlamaGen, is guided only above 1: a scale <= 1 samples it "
+                                             "unguided")
     cfg_scales: Optional[str] = flag(None, output=False,
                                      help="a guidance sweep, e.g. 1.5,1.75,2.0: every scale (for all factors) sampled "
                                           "in turn, each its own npz/score, in one process (replaces --cfg-scale)")
@@ -129,8 +138,15 @@ class SampleConfig(TokenizerFlags, FIDFlags):
         return [(s,) for s in scales]
 
 
-def parse_config(argv=None, num_factors: int = 2) -> SampleConfig:
-    return parse(SampleConfig, argv, f"Sample {num_factors}-factor FAR images for FID.")
+# The defaults of LlamaGen's sample_c2i_ddp.py where they differ from the FAR scripts' (``image_size``: the grid
+# a checkpoint that does not record one is sampled at).
+LLAMAGEN_DEFAULTS = {"gpt_model": "GPT-B", "image_size": 384}
+
+
+def parse_config(argv=None, num_factors: Optional[int] = 2, defaults: Optional[dict] = None) -> SampleConfig:
+    kind = "FAR or LlamaGen GPT (the checkpoint decides)" if num_factors is None else f"{num_factors}-factor FAR"
+    flags = {k: v for k, v in (defaults or {}).items() if k != "image_size"}
+    return parse(SampleConfig, argv, f"Sample {kind} images for FID.", defaults=flags)
 
 
 def _one_or_list(values):
@@ -156,10 +172,13 @@ def sample_labels(n: int, num_classes: int, seed: int, balanced: bool) -> np.nda
 
 
 @torch.no_grad()  # evaluation only (and leaves grad mode alone for in-process callers)
-def main(argv=None, num_factors: int = 2):
-    """The npz path (None with --no-save-npz); a list of them for a --cfg-scales sweep."""
+def main(argv=None, num_factors: Optional[int] = 2, defaults: Optional[dict] = None):
+    """The npz path (None with --no-save-npz); a list of them for a --cfg-scales sweep. ``num_factors`` None
+    samples any generator (the factor count read from ``--gpt-ckpt``); ``defaults`` replaces flag defaults
+    (``LLAMAGEN_DEFAULTS``; ``image_size`` is then the grid's fallback when the checkpoint does not say)."""
+    defaults = {"image_size": 256, **(defaults or {})}
     with exits_on(ValueError):
-        args = parse_config(argv, num_factors)
+        args = parse_config(argv, num_factors, defaults)
     sweep = args.sweep
     info = init_distributed()
     device = info.device
@@ -169,15 +188,21 @@ def main(argv=None, num_factors: int = 2):
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True  # the decoder's convolutions: one shape, tuned once
     dtype = torch_dtype(args.precision) if device.type == "cuda" else torch.float32
-    grid = args.image_size // args.downsample_size
+    asked = {} if args.image_size is None else {"block_size": (args.image_size // args.downsample_size) ** 2}
     try:
-        # the original sampler decodes with the tokenizer's "model" weights, as its codes were extracted with
-        tokenizer = load_tokenizer(args.vq_ckpt, expect_factors=num_factors, prefer=weight_preference(args.vq_ema))
-        check_tokenizer_flags(args, tokenizer)
         far = load_far(args.gpt_ckpt, expect_factors=num_factors, prefer=weight_preference(args.ema),
-                       block_size=grid * grid)
+                       gpt_model=args.gpt_model,
+                       default_block_size=(defaults["image_size"] // args.downsample_size) ** 2, **asked)
+        # the original sampler decodes with the tokenizer's "model" weights, as its codes were extracted with
+        tokenizer = load_tokenizer(args.vq_ckpt, expect_factors=far.config.num_factors,
+                                   prefer=weight_preference(args.vq_ema))
+        check_tokenizer_flags(args, tokenizer)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
+    grid = far.config.grid_size
+    args = dataclasses.replace(args, image_size=grid * args.downsample_size)  # the checkpoint's (a given one agrees)
+    if far.config.is_gpt:
+        sweep = unguided_below_one(sweep, log)
     if far.config.vocab_size != tokenizer.config.codebook_size:
         sys.exit(f"error: {args.gpt_ckpt} generates codes of a {far.config.vocab_size}-entry codebook, but "
                  f"{args.vq_ckpt} has {tokenizer.config.codebook_size} entries")
@@ -232,6 +257,18 @@ def main(argv=None, num_factors: int = 2):
                 f"{r.precision:8.4f} {r.recall:8.4f}")
     cleanup()
     return outs[0] if len(outs) == 1 else outs
+
+
+def unguided_below_one(sweep: list[tuple[float, ...]], log) -> list[tuple[float, ...]]:
+    """LlamaGen guides its GPT only at a scale above 1 (below, its sampler takes the conditional logits alone);
+    a GPT sampled here does the same, so a LlamaGen command line samples the same model."""
+    out = []
+    for scales in sweep:
+        if any(s < 1 for s in scales):
+            log(f"--cfg-scale {_one_or_list(scales)}: a LlamaGen GPT is guided only above 1, as in LlamaGen; "
+                f"sampling it unguided (scale 1)")
+        out.append(tuple(max(s, 1.0) for s in scales))
+    return out
 
 
 def _sample_one(args, info, far, tokenizer, decoder, fid: InProcessFID | None, labels: np.ndarray,

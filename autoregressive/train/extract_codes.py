@@ -1,5 +1,6 @@
 """Encode an ImageFolder into a code store for generator training; one implementation behind
-``extract_codes_c2i_dual_code.py`` and ``extract_codes_c2i_triple_code.py``.
+``extract_codes_c2i_dual_code.py`` and ``extract_codes_c2i_triple_code.py`` and LlamaGen's
+``extract_codes_c2i.py`` (any tokenizer, the factor count read from the checkpoint).
 
 Each image is stored as several augmented views: with ``--ten-crop`` the ADM centre crop to
 ``image_size * crop_range`` followed by the ten ``image_size`` crops (four corners and centre, and their mirror
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torchvision.transforms.functional as TF
@@ -48,8 +50,10 @@ class ExtractConfig(TokenizerFlags):
     unsafe_load: bool = unsafe_load_flag()
 
 
-def parse_config(argv=None, num_factors: int = 2) -> ExtractConfig:
-    return parse(ExtractConfig, argv, f"Extract {num_factors}-factor tokenizer codes for FAR training.")
+def parse_config(argv=None, num_factors: Optional[int] = 2) -> ExtractConfig:
+    codes = "tokenizer codes (any factor count: the checkpoint decides)" if num_factors is None else \
+        f"{num_factors}-factor tokenizer codes"
+    return parse(ExtractConfig, argv, f"Extract {codes} for generator training.")
 
 
 def views_transform(image_size: int, ten_crop: bool, crop_range: float):
@@ -66,7 +70,8 @@ def views_transform(image_size: int, ten_crop: bool, crop_range: float):
 
 
 @torch.no_grad()  # evaluation only (and leaves grad mode alone for in-process callers)
-def main(argv=None, num_factors: int = 2) -> None:
+def main(argv=None, num_factors: Optional[int] = 2) -> None:
+    """Extract; ``num_factors`` None takes any tokenizer, the factor count read from ``--vq-ckpt``."""
     cfg = parse_config(argv, num_factors)
     info = init_distributed()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -88,6 +93,7 @@ def main(argv=None, num_factors: int = 2) -> None:
         sys.exit(f"error: {error}")
     vq_digest = checkpoint_digest(cfg.vq_ckpt)  # progress is keyed by the checkpoint's content, not its path
     model = model.to(info.device)
+    num_factors = model.config.num_factors
     log(f"Extracting codes with {describe_tokenizer(model.config)} from {model.loaded_from}")
     n = min(len(dataset), cfg.num_images) if cfg.num_images else len(dataset)
     shard = rank_shard(n, info.rank, info.world_size)

@@ -1,5 +1,10 @@
 """Training loop of the FAR generator on a code store; one implementation behind ``train_c2i_dual.py`` and
-``train_c2i_triple.py`` (which only fix the factor count).
+``train_c2i_triple.py`` (which only fix the factor count), and itself LlamaGen's ``train_c2i.py``: run as a
+script it takes the factor count from the code store, so it trains LlamaGen's GPT (``--gpt-model GPT-B`` ...
+``GPT-7B``) on single-codebook codes as well as FAR on factorised ones.
+
+    torchrun --nproc_per_node=8 autoregressive/train/train_c2i.py --code-path codes/vq16_384 \
+        --image-size 384 --gpt-model GPT-B --cloud-save-path unused
 
 DDP by default, FSDP2 (``--fsdp``, ``fully_shard`` per transformer block) for FAR-L and larger; AdamW with weight
 decay on matrices only; bf16 autocast on GPU; gradient clipping and accumulation; optional EMA. ``TrainConfig`` is
@@ -20,7 +25,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from autoregressive.data.code_store import CodeDataset, collate_codes
-from autoregressive.models import FAR, FAR_models, describe_far, far_checkpoint, far_config, load_far_weights
+from autoregressive.models import FAR, MODELS, describe_far, far_checkpoint, far_config, load_far_weights
 from autoregressive.models.far import FARConfig, TransformerBlock
 from utils.argtypes import nonnegative_float, nonnegative_int, positive_int, unit_float
 from utils.data import ResumableSampler
@@ -47,10 +52,13 @@ class TrainConfig(RunConfig):
     IGNORED = (  # the original training scripts' flags that this project does not use
         ignored("--gpt-type", type=str, choices=["c2i"], default="c2i", help="class-conditional is the only type"),
         ignored("--dataset", type=str, default="imagenet_code", help="--code-path is a code store"),
+        ignored("--cloud-save-path", type=str, default=None, help="LlamaGen's copy of every checkpoint; they are "
+                                                                   "written to --results-dir"),
     )
-    num_factors: int = 2  # the entry point's factor count (not a flag)
+    num_factors: Optional[int] = 2  # the entry point's factor count (not a flag; None: the code store's)
     code_path: str = flag("", required=True, help="code store from extract_codes_c2i_*_code.py")
-    gpt_model: str = flag("FAR-B", choices=tuple(FAR_models), resume="fixed")
+    gpt_model: str = flag("FAR-B", choices=tuple(MODELS), resume="fixed",
+                          help="FAR-* (any factor count) or LlamaGen's GPT-* (single-codebook codes)")
     gpt_ckpt: Optional[str] = flag(None, resume="ignored", help="checkpoint to resume from")
     vocab_size: int = flag(16384, type=positive_int, resume="fixed")
     cls_token_num: int = flag(1, type=positive_int, resume="fixed")
@@ -79,10 +87,12 @@ class TrainConfig(RunConfig):
         return self.image_size // self.downsample_size
 
 
-def parse_config(argv=None, num_factors: int = 2) -> TrainConfig:
+def parse_config(argv=None, num_factors: Optional[int] = 2) -> TrainConfig:
     """The command line as a ``TrainConfig``: bad values stop with argparse's one-line error, bad combinations
-    with a ValueError (one line in ``main``); the original's ignored flags print one line each."""
-    return parse(TrainConfig, argv, f"Train a class-conditional FAR generator on {preset_name(num_factors)} codes.",
+    with a ValueError (one line in ``main``); the original's ignored flags print one line each. ``num_factors``
+    None: the code store's."""
+    codes = "a code store (its factor count decides)" if num_factors is None else f"{preset_name(num_factors)} codes"
+    return parse(TrainConfig, argv, f"Train a class-conditional FAR generator (or LlamaGen GPT) on {codes}.",
                  recipes=FAR_RECIPES, num_factors=num_factors)
 
 
@@ -195,10 +205,13 @@ def build(cfg: TrainConfig) -> Trainer:
         raise ValueError(f"--code-path {cfg.code_path}: {e}") from None
     total_steps = cfg.total_steps(sampler.batches_per_epoch)
     dropout = 0.0 if cfg.drop_path_rate > 0 else cfg.dropout_p
-    config = far_config(cfg.gpt_model, cfg.num_factors, vocab_size=cfg.vocab_size, block_size=grid * grid,
-                        num_classes=cfg.num_classes, cls_token_num=cfg.cls_token_num,
-                        resid_dropout_p=dropout, ffn_dropout_p=dropout, token_dropout_p=cfg.token_dropout_p,
-                        drop_path_rate=cfg.drop_path_rate)
+    try:
+        config = far_config(cfg.gpt_model, dataset.info.num_factors, vocab_size=cfg.vocab_size,
+                            block_size=grid * grid, num_classes=cfg.num_classes, cls_token_num=cfg.cls_token_num,
+                            resid_dropout_p=dropout, ffn_dropout_p=dropout, token_dropout_p=cfg.token_dropout_p,
+                            drop_path_rate=cfg.drop_path_rate)
+    except ValueError as e:
+        raise ValueError(f"--gpt-model {cfg.gpt_model} on --code-path {cfg.code_path}: {e}") from None
     model = FAR(config).to(device)
     log.info(f"Generator: {describe_far(config)}; {model.num_params():,} parameters")
     log.info(f"Codes: {len(dataset):,} images x {dataset.info.num_augs} views, {dataset.info.num_classes} "
@@ -258,6 +271,11 @@ def train_step(t: Trainer, codes: torch.Tensor, labels: torch.Tensor) -> tuple[d
             **{f"loss_{n}": per_factor[f] for f, n in enumerate(t.config.factor_names)}}, skipped
 
 
-def main(argv=None, num_factors: int = 2) -> Optional[Path]:
-    """``train_c2i_<preset>.py``: parse, build (every input checked), train (``utils.training``)."""
+def main(argv=None, num_factors: Optional[int] = 2) -> Optional[Path]:
+    """``train_c2i_<preset>.py``: parse, build (every input checked), train (``utils.training``). ``num_factors``
+    None reads the factor count from ``--code-path`` (this script's own entry, LlamaGen's ``train_c2i.py``)."""
     return run_trainer(lambda: parse_config(argv, num_factors), build, BAD_INPUT)
+
+
+if __name__ == "__main__":
+    main(num_factors=None)

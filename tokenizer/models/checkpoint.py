@@ -12,10 +12,18 @@ the factor instead. The mapping is a pure renaming, one-to-one in both direction
     heads.{i}.X                    <->  feat_pred_head.X (dual) | {mid,high}_sem_feat_pred.X (triple)
     encoder.*, post_quant_conv.*, decoder.*   unchanged
 
+LlamaGen's single-codebook ``VQModel`` (``vq_ds16_c2i.pt``, ``vq_ds8_c2i.pt``) is the one-factor tokenizer
+without adapter (the ``single`` preset); its files name that factor's modules without a suffix:
+
+    factors.0.norm_out.X / conv_out.X   <->  encoder.norm_out.X / encoder.conv_out.X
+    factors.0.quant_conv.X              <->  quant_conv.X
+    factors.0.quantizer.X               <->  quantize.X
+
 Every file this project writes uses the released names, so the original code reads our checkpoints and ours
 reads theirs. ``released_state_dict`` / ``load_tokenizer_weights`` convert; ``load_tokenizer`` builds the
 right model from a file alone: from the config our files carry (``"config"``, checked against the weights), or
-for released files (no config) from the weights' key names and shapes (factor count, VQ-8 / VQ-16, heads).
+for released files (no config) from the weights' key names and shapes (layout, factor count, VQ-8 / VQ-16,
+codebook, adapters, heads).
 """
 from __future__ import annotations
 
@@ -42,8 +50,24 @@ RELEASED_ADAPTERS = {"vis": "encoder.visual_head.0", "sem": "encoder.semantic_he
 RELEASED_HEADS = {"sem": "feat_pred_head", "sem_mid": "mid_sem_feat_pred", "sem_high": "high_sem_feat_pred"}
 
 
-def released_factor_prefixes(name: str) -> dict[str, str]:
-    """Released prefix of each module of factor ``name``'s branch (keyed by the module's native name)."""
+# LlamaGen's names of its one factor's modules (keyed by the module's native name); it has no adapter.
+LLAMAGEN_PREFIXES = {"norm_out": "encoder.norm_out", "conv_out": "encoder.conv_out", "quant_conv": "quant_conv",
+                     "quantizer": "quantize"}
+LLAMAGEN_CODEBOOK = "quantize.embedding.weight"  # the key that tells LlamaGen's layout from FQGAN's
+# LlamaGen's modules in the order of its state dict (the encoder ends with the factor's norm_out and conv_out)
+LLAMAGEN_ORDER = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
+
+
+def llamagen_layout(cfg: TokenizerConfig) -> bool:
+    """Whether ``cfg`` is LlamaGen's VQModel (one factor, no adapter), whose files use LlamaGen's names."""
+    return cfg.num_factors == 1 and not cfg.with_adapters
+
+
+def released_factor_prefixes(name: str, llamagen: bool = False) -> dict[str, str]:
+    """Released prefix of each module of factor ``name``'s branch (keyed by the module's native name); with
+    ``llamagen``, LlamaGen's names of its single factor."""
+    if llamagen:
+        return dict(LLAMAGEN_PREFIXES)
     return {"adapter": RELEASED_ADAPTERS.get(name, f"encoder.{name}_head.0"),
             "norm_out": f"encoder.norm_out_{name}",
             "conv_out": f"encoder.conv_out_{name}",
@@ -57,8 +81,9 @@ def released_head_prefix(name: str) -> str:
 
 def _prefix_map(cfg: TokenizerConfig) -> list[tuple[str, str]]:
     """(native prefix, released prefix) pairs, each ending in a dot, so no prefix matches another's keys."""
-    pairs = [(f"factors.{i}.{module}.", f"{released}.")
-             for i, f in enumerate(cfg.factors) for module, released in released_factor_prefixes(f.name).items()]
+    llamagen = llamagen_layout(cfg)
+    pairs = [(f"factors.{i}.{module}.", f"{released}.") for i, f in enumerate(cfg.factors)
+             for module, released in released_factor_prefixes(f.name, llamagen).items()]
     pairs += [(f"heads.{i}.", released_head_prefix(cfg.factors[i].name) + ".") for i in cfg.head_factors]
     released = [r for _, r in pairs]
     clash = sorted({r for r in released if released.count(r) > 1})
@@ -77,9 +102,16 @@ def _rename(key: str, pairs: list[tuple[str, str]], reverse: bool) -> str:
 
 
 def released_state_dict(model: FactorizedTokenizer) -> dict[str, torch.Tensor]:
-    """The model's weights under the released key names (tensors are shared, not copied)."""
+    """The model's weights under the released key names (tensors are shared, not copied); LlamaGen's layout
+    also in LlamaGen's order, so a file we write lists exactly the keys of one LlamaGen writes."""
     pairs = _prefix_map(model.config)
-    return {_rename(k, pairs, False): v for k, v in model.state_dict().items()}
+    sd = {_rename(k, pairs, False): v for k, v in model.state_dict().items()}
+    if not llamagen_layout(model.config):
+        return sd
+    def rank(key: str) -> int:
+        return next((i for i, prefix in enumerate(LLAMAGEN_ORDER) if key.startswith(prefix)), len(LLAMAGEN_ORDER))
+
+    return {k: sd[k] for k in sorted(sd, key=rank)}  # a stable sort: the order inside each module is kept
 
 
 def released_head_prefixes(cfg: TokenizerConfig) -> tuple[str, ...]:
@@ -101,10 +133,14 @@ def load_tokenizer_weights(model: FactorizedTokenizer, sd: Mapping[str, torch.Te
 
 def describe_tokenizer(cfg: TokenizerConfig) -> str:
     names = [f.name for f in cfg.factors]
-    kind = preset_of(names) or preset_name(len(names))
     vq = {16: "VQ-16", 8: "VQ-8"}.get(cfg.downsample, f"{cfg.downsample}x")
+    codebook = f"codebook {cfg.codebook_size} x {cfg.codebook_embed_dim}"
+    if llamagen_layout(cfg) and not cfg.head_factors:
+        return f"a single-codebook {vq} tokenizer (LlamaGen's VQModel; {codebook})"
+    kind = preset_of(names) or preset_name(len(names))
     heads = "with feature heads" if cfg.head_factors else "without feature heads"
-    return f"a {kind} {vq} tokenizer (factors {', '.join(names)}; {heads})"
+    adapters = "" if cfg.with_adapters else ", without adapters"
+    return f"a {kind} {vq} tokenizer (factors {', '.join(names)}; {heads}{adapters}; {codebook})"
 
 
 @dataclass(frozen=True)
@@ -155,11 +191,13 @@ def _layer_counts(sd: Mapping[str, torch.Tensor]) -> dict[str, int]:
 
 def infer_tokenizer_config(sd: Mapping[str, torch.Tensor], path: str | os.PathLike = "<state dict>",
                            **overrides) -> TokenizerConfig:
-    """Rebuild the TokenizerConfig of released-layout weights from their keys and shapes."""
-    names = [m["factor"] for m in map(_QUANTIZER.match, sd) if m]
+    """Rebuild the TokenizerConfig of released-layout weights (FQGAN's or LlamaGen's) from their keys and
+    shapes."""
+    llamagen = LLAMAGEN_CODEBOOK in sd
+    names = ["vis"] if llamagen else [m["factor"] for m in map(_QUANTIZER.match, sd) if m]
     if not names or "encoder.conv_in.weight" not in sd:
-        raise CheckpointError(f"{path}: not FQGAN tokenizer weights (no encoder.conv_in / quantize_* keys; "
-                              f"first keys: {list(sd)[:5]})")
+        raise CheckpointError(f"{path}: not FQGAN or LlamaGen tokenizer weights (no encoder.conv_in / quantize* "
+                              f"keys; first keys: {list(sd)[:5]})")
     preset = next((p for p, fs in PRESET_FACTORS.items() if set(fs) == set(names)), None)
     if preset is not None:
         factors = list(preset_factors(preset))
@@ -174,9 +212,9 @@ def infer_tokenizer_config(sd: Mapping[str, torch.Tensor], path: str | os.PathLi
         ch = sd["encoder.conv_in.weight"].shape[0]
         ch_mult = tuple(sd[f"encoder.conv_blocks.{level}.res.0.conv1.weight"].shape[0] // ch
                         for level in sorted(res_blocks))
-        codebook = sd[f"quantize_{factors[0].name}.embedding.weight"]
+        codebook = sd[LLAMAGEN_CODEBOOK if llamagen else f"quantize_{factors[0].name}.embedding.weight"]
         adapter = released_factor_prefixes(factors[0].name)["adapter"]
-        positions = sd[f"{adapter}.positional_embedding"].shape[0]
+        positions = sd.get(f"{adapter}.positional_embedding")
         z_channels = sd["decoder.conv_in.weight"].shape[1]
     except (KeyError, IndexError) as e:
         raise CheckpointError(f"{path}: incomplete FQGAN tokenizer weights (missing {e})") from None
@@ -190,8 +228,11 @@ def infer_tokenizer_config(sd: Mapping[str, torch.Tensor], path: str | os.PathLi
     fields = dict(factors=tuple(factors), ch_mult=ch_mult, ch=ch, num_res_blocks=len(res_blocks[0]),
                   z_channels=z_channels, codebook_size=codebook.shape[0], codebook_embed_dim=codebook.shape[1],
                   adapter_layers=depth.get(adapter, 0), head_layers=head_layers,
-                  with_feature_heads=any(f"{released_head_prefix(f.name)}.class_embedding" in sd for f in factors),
-                  base_image_size=round(positions ** 0.5) * downsample)
+                  with_feature_heads=any(f"{released_head_prefix(f.name)}.class_embedding" in sd for f in factors))
+    if positions is None:  # no adapters (LlamaGen): no learned positions tie the model to an image size
+        fields.update(with_adapters=False, adapter_layers=TokenizerConfig.adapter_layers)
+    else:
+        fields["base_image_size"] = round(positions.shape[0] ** 0.5) * downsample
     fields.update(overrides)
     return TokenizerConfig(**fields)
 

@@ -6,6 +6,10 @@
 Semantic factors carry a feature-prediction head trained to match a frozen teacher (CLIP, DINOv2), and a
 disentanglement regulariser pushes the factors' codes towards orthogonality. The number of factors is a
 config value; ``dual`` (visual, semantic) and ``triple`` (visual, mid- and high-level semantic) are presets.
+
+``single`` is LlamaGen's VQ tokenizer (``VQModel``, which FQGAN extends): one factor, no adapter (the trunk's
+features go straight to the output conv) and no feature head. Its files use LlamaGen's key names
+(see checkpoint.py).
 """
 from __future__ import annotations
 
@@ -47,12 +51,15 @@ SEMANTIC_TEACHERS = {
 
 
 def preset_factors(preset: str) -> tuple[FactorConfig, ...]:
-    """The factor configs of a preset (``dual`` / ``triple``): visual first, then the semantic factors with
-    their heads and teachers."""
+    """The factor configs of a preset (``single`` / ``dual`` / ``triple``): visual first, then the semantic
+    factors with their heads and teachers."""
     if preset not in PRESET_FACTORS:
         raise ValueError(f"unknown tokenizer preset {preset!r}; choose from {sorted(PRESET_FACTORS)}")
     return tuple(FactorConfig(name, *SEMANTIC_TEACHERS.get(name, (0, None))) for name in PRESET_FACTORS[preset])
 
+
+# What a preset sets beyond its factors: LlamaGen's single codebook has no adapter and no feature head.
+PRESET_FIELDS = {"single": dict(with_adapters=False, with_feature_heads=False)}
 
 DUAL_FACTORS = preset_factors("dual")
 TRIPLE_FACTORS = preset_factors("triple")
@@ -77,6 +84,7 @@ class TokenizerConfig:
     head_layers: int = 3
     head_heads: int = 8
     with_feature_heads: bool = True  # the original's --with_clip_supervision
+    with_adapters: bool = True  # False: no per-factor transformer adapter (LlamaGen's VQModel)
     disentanglement_ratio: float = 0.0  # 0 turns the regulariser off (the original's --with_disentanglement)
     base_image_size: int = 256  # the learned positions cover base_image_size / downsample squared tokens
 
@@ -142,10 +150,12 @@ class TokenizerConfig:
 
 
 def tokenizer_config(preset: str = "dual", vq_model: str = "VQ-16", **overrides) -> TokenizerConfig:
-    """Config of a preset (``dual`` / ``triple``) at a downsampling (``VQ-16`` / ``VQ-8``), with overrides."""
+    """Config of a preset (``single`` / ``dual`` / ``triple``) at a downsampling (``VQ-16`` / ``VQ-8``), with
+    overrides."""
     if vq_model not in VQ_CH_MULT:
         raise ValueError(f"unknown --vq-model {vq_model!r}; choose from {sorted(VQ_CH_MULT)}")
-    return TokenizerConfig(**{"factors": preset_factors(preset), "ch_mult": VQ_CH_MULT[vq_model], **overrides})
+    return TokenizerConfig(**{"factors": preset_factors(preset), "ch_mult": VQ_CH_MULT[vq_model],
+                              **PRESET_FIELDS.get(preset, {}), **overrides})
 
 
 @dataclass
@@ -177,11 +187,13 @@ class TokenizerOutput:
 
 
 class FactorBranch(nn.Module):
-    """Everything one factor owns: adapter, output conv to z_channels, projection to code_dim, quantizer."""
+    """Everything one factor owns: adapter (or none), output conv to z_channels, projection to code_dim,
+    quantizer."""
 
     def __init__(self, cfg: TokenizerConfig, width: int, grid: int):
         super().__init__()
-        self.adapter = FactorAdapter(grid, width, cfg.adapter_layers, cfg.adapter_heads)
+        self.adapter = (FactorAdapter(grid, width, cfg.adapter_layers, cfg.adapter_heads) if cfg.with_adapters
+                        else nn.Identity())
         self.norm_out = group_norm(width)
         self.conv_out = nn.Conv2d(width, cfg.z_channels, 3, padding=1)
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_embed_dim, 1)
@@ -195,8 +207,9 @@ class FactorBranch(nn.Module):
 
 class FactorizedTokenizer(nn.Module):
     """The factorised tokenizer. Build it with ``FactorizedTokenizer("dual")``,
-    ``FactorizedTokenizer("triple", vq_model="VQ-8")`` or ``FactorizedTokenizer(TokenizerConfig(...))``;
-    load a released checkpoint with ``tokenizer.models.load_tokenizer(path)``."""
+    ``FactorizedTokenizer("triple", vq_model="VQ-8")``, ``FactorizedTokenizer("single")`` (LlamaGen's VQ
+    tokenizer) or ``FactorizedTokenizer(TokenizerConfig(...))``; load a released checkpoint (FQGAN's or
+    LlamaGen's) with ``tokenizer.models.load_tokenizer(path)``."""
 
     def __init__(self, config: TokenizerConfig | str = "dual", vq_model: str = "VQ-16", **overrides):
         super().__init__()
