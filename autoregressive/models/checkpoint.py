@@ -92,6 +92,23 @@ def infer_far_config(sd: Mapping[str, torch.Tensor], path: str | os.PathLike = "
         raise CheckpointError(f"{path}: {e}") from None
 
 
+def trained_block_size(ckpt: Any) -> Optional[int]:
+    """The positions per image (grid x grid) a FAR checkpoint was trained on: its stored config's, else the
+    training script's ``args`` (image size / downsampling, squared; the original's files carry them); None when
+    the file does not say (bare weights)."""
+    if not isinstance(ckpt, Mapping):
+        return None
+    stored = ckpt.get("config")
+    if isinstance(stored, Mapping) and isinstance(stored.get("block_size"), int):
+        return stored["block_size"]
+    args = ckpt.get("args")
+    args = vars(args) if hasattr(args, "__dict__") else args if isinstance(args, Mapping) else {}
+    size, down = args.get("image_size"), args.get("downsample_size")
+    if isinstance(size, int) and isinstance(down, int) and down > 0:
+        return (size // down) ** 2
+    return None
+
+
 def _n_head_from_args(ckpt: Any) -> Optional[int]:
     name = getattr(ckpt.get("args"), "gpt_model", None) if isinstance(ckpt, Mapping) else None
     return FAR_models.get(name, {}).get("n_head")
@@ -120,6 +137,8 @@ def far_from_checkpoint(ckpt: Any, path: str | os.PathLike = "<checkpoint>", exp
     from_file = cfg is not None
     if cfg is None:
         overrides.setdefault("n_head", _n_head_from_args(ckpt))
+        if trained_block_size(ckpt) is not None:
+            overrides.setdefault("block_size", trained_block_size(ckpt))
         cfg = infer_far_config(sd, path, **overrides)
     if expect_factors is not None and cfg.num_factors != expect_factors:
         raise CheckpointError(f"{path}: holds {describe_far(cfg)}, but {expect_factors} factors were expected")
