@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -35,21 +36,26 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from autoregressive.models import FAR_models, describe_far, load_far
+from autoregressive.models import FAR_models, describe_far
+from autoregressive.models.checkpoint import far_from_checkpoint, trained_block_size
 from autoregressive.models.decode_attention import ATTENTION_KERNELS
 from autoregressive.sample.pipeline import ImageDecoder, auto_batch_size, sample_images
-from evaluations.inprocess import POOL, SPATIAL, FIDFlags, InProcessFID, write_result
+from evaluations.inprocess import POOL, SCORING_ERRORS, SPATIAL, FIDFlags, InProcessFID, write_result
 from evaluations.errors import EvaluatorInputError
 from tokenizer.models import TokenizerFlags, check_tokenizer_flags, describe_tokenizer, load_tokenizer
-from utils.argtypes import finite_float, nonnegative_int, positive_float, positive_int, unit_float
-from utils.checkpoint import CheckpointError, unsafe_load_flag, weight_preference
+from utils.argtypes import (finite_float, nonnegative_int, positive_float, positive_int, positive_unit_float,
+                            seed_int)
+from utils.checkpoint import load_file, unsafe_load_flag, weight_preference
 from utils.data import rank_shard
 from utils.distributed import all_gather_objects, cleanup, init_distributed
-from utils.flags import (COMPAT_GROUP, compile_flag, exits_on, flag, ignored, output_values, parse,
+from utils.flags import (COMPAT_GROUP, compile_flag, exits_on, flag, flag_name, ignored, output_values, parse,
                          precision_flag, require, torch_dtype)
 from utils.images import save_grid
 from utils.npz import ShardedNpzWriter
-from utils.runfiles import FolderInUse, FolderLock, NoSpace, checkpoint_digest
+from utils.runfiles import FolderInUse, FolderLock, NoSpace, OutputExists, checkpoint_digest
+
+
+PER_FACTOR = ("cfg_scale", "top_k", "temperature", "top_p")  # the flags that take one value or one per factor
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,7 @@ class SampleConfig(TokenizerFlags, FIDFlags):
         ignored("--gpt-type", type=str, choices=["c2i"], default="c2i", help="class-conditional is the only type"),
         ignored("--cls-token-num", type=positive_int, default=1, help="the checkpoint decides"),
     )
+    num_factors: int = 2  # the entry point's factor count (not a flag): what per-factor lists are checked against
     gpt_model: str = flag("FAR-B", choices=tuple(FAR_models),
                           help="names the output; the checkpoint decides the architecture")
     gpt_ckpt: str = flag("", required=True, help="the generator checkpoint")
@@ -69,12 +76,16 @@ class SampleConfig(TokenizerFlags, FIDFlags):
                                                  "on with a GPU)", output=False)
     vq_ema: bool = flag(False, help="decode with the tokenizer's EMA weights (default: 'model', which extraction "
                                     "encodes with)")
-    image_size: int = flag(256, type=positive_int)
+    image_size: Optional[int] = flag(None, type=positive_int,
+                                     help="checked against --gpt-ckpt (default: its trained grid x the tokenizer's "
+                                          "downsampling; 256 for a file that does not say)")
     image_size_eval: int = flag(256, type=positive_int)
-    downsample_size: int = flag(16, type=int, choices=(4, 8, 16))
+    downsample_size: Optional[int] = flag(None, type=int, choices=(4, 8, 16),
+                                          help="checked against --vq-ckpt (default: its downsampling)")
     num_classes: int = flag(1000, type=positive_int)
-    cfg_scale: tuple[float, ...] = flag((1.5,), type=finite_float, nargs="+",
-                                        help="guidance scale: one value, or one per factor (visual first)")
+    cfg_scale: tuple[float, ...] = flag((1.5,), type=positive_float, nargs="+",
+                                        help="guidance scale (> 0; 1: unguided): one value, or one per factor (visual "
+                                             "first)")
     cfg_scales: Optional[str] = flag(None, output=False,
                                      help="a guidance sweep, e.g. 1.5,1.75,2.0: every scale (for all factors) sampled "
                                           "in turn, each its own npz/score, in one process (replaces --cfg-scale)")
@@ -98,21 +109,29 @@ class SampleConfig(TokenizerFlags, FIDFlags):
                           help="how each position's single query attends to the KV cache (see "
                                "autoregressive/models/decode_attention.py; a speed choice, like --compile)")
     num_fid_samples: int = flag(50000, type=positive_int)
-    global_seed: int = flag(0, type=int)
+    global_seed: int = flag(0, type=seed_int)
     top_k: tuple[int, ...] = flag((0,), type=nonnegative_int, nargs="+", help="one value or one per factor (0: off)")
     temperature: tuple[float, ...] = flag((1.0,), type=positive_float, nargs="+", help="one value or one per factor")
-    top_p: tuple[float, ...] = flag((1.0,), type=unit_float, nargs="+", help="one value or one per factor")
+    top_p: tuple[float, ...] = flag((1.0,), type=positive_unit_float, nargs="+",
+                                    help="in (0, 1]: one value or one per factor (1: off)")
     class_balanced: bool = flag(False, help="the same number of samples for every class")
     grid_samples: int = flag(64, type=nonnegative_int, output=False, help="how many samples the PNG grid shows")
     name: Optional[str] = flag(None, help="output name (default: the original's naming)")
     save_npz: bool = flag(True, action=argparse.BooleanOptionalAction, output=False,
                           help="write the npz (--no-save-npz with --fid-ref: only the scores and the grid)")
+    overwrite: bool = flag(False, output=False, help="sample again into an npz that is already finished (else a "
+                                                     "finished <sample-dir>/<name>.npz is refused in one line)")
     unsafe_load: bool = unsafe_load_flag()
     from_fsdp: bool = flag(False, group=COMPAT_GROUP, help="names the output after the checkpoint's folder, as the "
                                                            "original; our FSDP checkpoints are full state dicts")
 
     def __post_init__(self):
         require(self.save_npz or self.fid_ref, "--no-save-npz keeps nothing but the grid without --fid-ref")
+        for name in PER_FACTOR:
+            values = getattr(self, name)
+            require(len(values) in (1, self.num_factors),
+                    f"{flag_name(name)} {' '.join(map(str, values))}: give one value, or one per factor "
+                    f"({self.num_factors})")
         self.sweep  # a malformed --cfg-scales fails here
 
     @property
@@ -126,11 +145,13 @@ class SampleConfig(TokenizerFlags, FIDFlags):
             raise ValueError(f"--cfg-scales {self.cfg_scales}: expected comma-separated numbers, e.g. "
                              f"1.5,1.75,2.0") from None
         require(bool(scales), f"--cfg-scales {self.cfg_scales!r}: no scale given")
+        require(all(math.isfinite(s) and s > 0 for s in scales),
+                f"--cfg-scales {self.cfg_scales}: every scale must be a finite number > 0")
         return [(s,) for s in scales]
 
 
 def parse_config(argv=None, num_factors: int = 2) -> SampleConfig:
-    return parse(SampleConfig, argv, f"Sample {num_factors}-factor FAR images for FID.")
+    return parse(SampleConfig, argv, f"Sample {num_factors}-factor FAR images for FID.", num_factors=num_factors)
 
 
 def _one_or_list(values):
@@ -155,6 +176,27 @@ def sample_labels(n: int, num_classes: int, seed: int, balanced: bool) -> np.nda
     return rng.integers(0, num_classes, size=n)
 
 
+def checkpoint_sizes(args: SampleConfig, trained: Optional[int], downsample: int) -> SampleConfig:
+    """``args`` with --image-size and --downsample-size as the checkpoints decide them: the tokenizer's
+    downsampling, and the generator's trained grid (``trained`` positions; None when its file does not say, then
+    --image-size, default 256). A flag given with another value is one line (ValueError)."""
+    if args.downsample_size not in (None, downsample):
+        raise ValueError(f"--downsample-size {args.downsample_size} does not match {args.vq_ckpt} ({downsample})")
+    if trained is None:
+        size = args.image_size or 256
+        require(size % downsample == 0, f"--image-size {size} is not a multiple of {args.vq_ckpt}'s downsampling "
+                                        f"{downsample}")
+    else:
+        grid = math.isqrt(trained)
+        require(grid * grid == trained, f"{args.gpt_ckpt} was trained on {trained} positions, not a square grid")
+        size = grid * downsample
+        require(args.image_size in (None, size),
+                f"--image-size {args.image_size} does not fit {args.gpt_ckpt}, trained on {grid}x{grid} tokens, "
+                f"which {args.vq_ckpt} ({downsample}x downsampling) decodes to {size}x{size} images: leave "
+                f"--image-size out, or give {size}")
+    return dataclasses.replace(args, image_size=size, downsample_size=downsample)
+
+
 @torch.no_grad()  # evaluation only (and leaves grad mode alone for in-process callers)
 def main(argv=None, num_factors: int = 2):
     """The npz path (None with --no-save-npz); a list of them for a --cfg-scales sweep."""
@@ -169,14 +211,17 @@ def main(argv=None, num_factors: int = 2):
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True  # the decoder's convolutions: one shape, tuned once
     dtype = torch_dtype(args.precision) if device.type == "cuda" else torch.float32
-    grid = args.image_size // args.downsample_size
     try:
         # the original sampler decodes with the tokenizer's "model" weights, as its codes were extracted with
         tokenizer = load_tokenizer(args.vq_ckpt, expect_factors=num_factors, prefer=weight_preference(args.vq_ema))
         check_tokenizer_flags(args, tokenizer)
-        far = load_far(args.gpt_ckpt, expect_factors=num_factors, prefer=weight_preference(args.ema),
-                       block_size=grid * grid)
-    except CheckpointError as e:
+        gpt = load_file(args.gpt_ckpt)
+        args = checkpoint_sizes(args, trained_block_size(gpt), tokenizer.config.downsample)
+        grid = args.image_size // args.downsample_size
+        far = far_from_checkpoint(gpt, args.gpt_ckpt, expect_factors=num_factors, prefer=weight_preference(args.ema),
+                                  block_size=grid * grid)
+        del gpt
+    except ValueError as e:  # CheckpointError included
         sys.exit(f"error: {e}")
     if far.config.vocab_size != tokenizer.config.codebook_size:
         sys.exit(f"error: {args.gpt_ckpt} generates codes of a {far.config.vocab_size}-entry codebook, but "
@@ -184,9 +229,6 @@ def main(argv=None, num_factors: int = 2):
     if args.num_classes != far.config.num_classes:
         sys.exit(f"error: --num-classes {args.num_classes} does not match {args.gpt_ckpt} "
                  f"({far.config.num_classes} classes)")
-    if tokenizer.config.downsample != args.downsample_size:
-        sys.exit(f"error: --downsample-size {args.downsample_size} does not match {args.vq_ckpt} "
-                 f"({tokenizer.config.downsample})")
     tokenizer = tokenizer.to(device)
     far = far.to(device=device, dtype=dtype)
     log(f"Generator: {describe_far(far.config)} from {far.loaded_from}; "
@@ -234,6 +276,13 @@ def main(argv=None, num_factors: int = 2):
     return outs[0] if len(outs) == 1 else outs
 
 
+def _finish(writer: ShardedNpzWriter):
+    try:
+        return writer.close()
+    except NoSpace as e:
+        sys.exit(f"error: {e}")
+
+
 def _sample_one(args, info, far, tokenizer, decoder, fid: InProcessFID | None, labels: np.ndarray,
                 mine: np.ndarray, batch: int, compile: bool):
     """Sample (and score) the images of ``args.cfg_scale``: (the npz path or None, the EvalResult or None)."""
@@ -255,14 +304,21 @@ def _sample_one(args, info, far, tokenizer, decoder, fid: InProcessFID | None, l
     error = all_gather_objects(error)[0]
     if error:
         sys.exit(f"error: {error}")
+
+    def stop(message: str):  # one line, and the output looks as it did (no lock file left behind)
+        if lock is not None:
+            lock.release(remove=True)
+        sys.exit(f"error: {message}")
+
     arrays = {"arr_0": ((n, size, size, 3), np.uint8), "arr_1": ((n,), np.int64)} if args.save_npz else {}
     if fid is not None:
         arrays.update(fid.arrays(n))
         fingerprint["inception_graph_sha256"] = fid.graph_sha
     try:
-        writer = ShardedNpzWriter(out, arrays, fingerprint, members=["arr_0", "arr_1"] if args.save_npz else [])
-    except NoSpace as e:
-        sys.exit(f"error: {e}")
+        writer = ShardedNpzWriter(out, arrays, fingerprint, members=["arr_0", "arr_1"] if args.save_npz else [],
+                                  rows=len(mine), overwrite=args.overwrite)
+    except (NoSpace, OutputExists) as e:
+        stop(str(e))
     if writer.done:
         print(f"rank {info.rank}: resuming after {writer.done} of its {len(mine)} images, already written")
     todo = mine[writer.done:]
@@ -290,17 +346,22 @@ def _sample_one(args, info, far, tokenizer, decoder, fid: InProcessFID | None, l
     log(f"Rank 0 generated, decoded{', scored' if fid else ''} and wrote {len(todo)} images in {seconds:.1f} s "
         f"({len(todo) / max(seconds, 1e-9):.1f} images/s, compile {'on' if compile else 'off'})")
     result = None
-    if fid is not None:
-        pool, spatial = writer.gather(POOL), writer.gather(SPATIAL)
-        if info.is_main:
-            result = fid.score(pool, spatial)
-            write_result(result, out.with_suffix(".txt"), Path(args.sample_dir) / "fid.jsonl", name=name,
-                         cfg_scale=_one_or_list(args.cfg_scale), num_samples=n, reference=args.fid_ref,
-                         gpt_ckpt=args.gpt_ckpt, vq_ckpt=args.vq_ckpt, inception=fid.net.describe())
-    try:
-        saved = writer.close()
-    except NoSpace as e:
-        sys.exit(f"error: {e}")
+    features = (writer.gather(POOL), writer.gather(SPATIAL)) if fid is not None else None
+    # The npz is finished and in place before anything is scored; with --no-save-npz the features stay in the parts
+    # until they are scored, so a rerun after a failed score scores them again at once.
+    saved = _finish(writer) if args.save_npz else None
+    if fid is not None and info.is_main:
+        kept = (f"the {n} samples are kept in {out}: score them with evaluations/evaluator.py" if args.save_npz
+                else f"their features are kept in {writer.parts}: rerun the same command to score them")
+        try:
+            result = fid.score(*features)
+        except SCORING_ERRORS as e:
+            stop(f"{e} ({kept})")
+        write_result(result, out.with_suffix(".txt"), Path(args.sample_dir) / "fid.jsonl", name=name,
+                     cfg_scale=_one_or_list(args.cfg_scale), num_samples=n, reference=args.fid_ref,
+                     gpt_ckpt=args.gpt_ckpt, vq_ckpt=args.vq_ckpt, inception=fid.net.describe())
+    if not args.save_npz:
+        _finish(writer)
     if lock is not None:
         lock.release(remove=True)
     if info.is_main:
