@@ -35,7 +35,6 @@ launch 12940 autoregressive/sample/sample_c2i_ddp_${FACTORS}_code.py \
   --codebook-embed-dim 8 \
   --gpt-ckpt "$GPT_CKPT" \
   --gpt-model "$GPT_MODEL" \
-  --image-size 256 \
   --image-size-eval 256 \
   "${GUIDANCE[@]}" \
   --top-k 0 \

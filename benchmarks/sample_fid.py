@@ -152,7 +152,7 @@ class NpzSink:
         arrays = {"arr_0": ((n, size, size, 3), np.uint8)}
         if labels:
             arrays["arr_1"] = ((n,), np.int64)
-        self.writer, self.offset, self.labels = ShardedNpzWriter(path, arrays), offset, labels
+        self.writer, self.offset, self.labels = ShardedNpzWriter(path, arrays, overwrite=True), offset, labels
 
     def __call__(self, rows, images, batch_labels) -> None:
         self.writer.write("arr_0", rows - self.offset, images)

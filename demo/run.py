@@ -154,7 +154,8 @@ def main(argv=None) -> dict:
                   "--image-size", str(IMAGE), "--image-size-eval", str(IMAGE), "--downsample-size", "8",
                   "--num-classes", str(len(CLASSES)), "--cfg-scale", "2.0", "--top-k", "64",
                   "--num-fid-samples", str(per_class * len(CLASSES)), "--per-proc-batch-size", str(per_class),
-                  "--class-balanced", "--sample-dir", str(out), "--name", "samples", "--grid-samples", "0"],
+                  "--class-balanced", "--sample-dir", str(out), "--name", "samples", "--grid-samples", "0",
+                  "--overwrite"],
                  num_factors=2)
     data = np.load(npz)
     images, labels = torch.from_numpy(data["arr_0"]), data["arr_1"]

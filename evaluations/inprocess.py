@@ -18,12 +18,15 @@ import torch
 from evaluations.inception import file_sha256, find_inception_graph
 from evaluations.inception_torch import TorchBackendConfig, TorchInception
 from evaluations.errors import EvaluatorInputError
-from evaluations.npz_stream import MIN_IMAGES, validate_images
-from evaluations.scoring import EvalResult, reference_statistics, score
+from evaluations.metrics import FIDError
+from evaluations.npz_stream import MIN_IMAGES, read_precomputed_statistics, validate_images
+from evaluations.scoring import EvalResult, check_stored, reference_statistics, score
 from utils.argtypes import positive_int
 from utils.flags import flag
+from utils.runfiles import write_text_atomic
 
 POOL, SPATIAL = "inception_pool", "inception_spatial"  # the per-row feature arrays among the npz parts
+SCORING_ERRORS = (EvaluatorInputError, FIDError)  # what scoring raises about its inputs: one line at an entry point
 # Inception images at once on a GPU beside the sampler: ~16 MB of float32 activations each at 299x299, so 128 take
 # ~2 GB, inside the headroom the sampler's automatic batch size leaves (the evaluator alone uses 500)
 GPU_BATCH = 128
@@ -55,6 +58,7 @@ class InProcessFID:
                  num_images: int, batch_size: Optional[int] = None):
         # every check that can fail runs before the first image is generated
         self.ref = validate_images(ref_path)
+        stored = read_precomputed_statistics(ref_path)  # finite (and below: of this graph's sizes), or one line now
         if self.ref.image_size != (image_size, image_size):
             h, w = self.ref.image_size
             raise EvaluatorInputError(f"--fid-ref {ref_path}: reference images are {h}x{w} but the images made "
@@ -69,6 +73,8 @@ class InProcessFID:
         self.net = TorchInception(self.graph, TorchBackendConfig(device=str(device), batch_size=batch_size))
         pool, spatial = self(torch.zeros(1, image_size, image_size, 3, dtype=torch.uint8, device=device))
         self.dims = pool.shape[1], spatial.shape[1]
+        if stored is not None:
+            check_stored(ref_path, stored, self.dims)
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(pool_3 [N, D], spatial [N, S]) float32 on the device, flattened as the evaluator flattens them; no
@@ -93,7 +99,7 @@ def write_result(result: EvalResult, txt: Path, jsonl: Path, **info) -> None:
     """The five lines as evaluator.py prints and writes them (``txt``), and one JSON line appended to ``jsonl``."""
     print("\n".join(result.lines()))
     txt.parent.mkdir(parents=True, exist_ok=True)
-    txt.write_text("\n".join(result.lines()) + "\n")
+    write_text_atomic(txt, "\n".join(result.lines()) + "\n")
     line = {**info, **result._asdict(), "backend": "torch", "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     with open(jsonl, "a") as f:
         f.write(json.dumps(line) + "\n")

@@ -28,10 +28,21 @@ class FIDStatistics(NamedTuple):
 
 
 class FIDError(ValueError):
-    """sqrtm gave a covariance mean with a large imaginary part: the statistics are unusable."""
+    """Statistics or features that cannot give a score (non-finite values, a matrix square root that fails or has
+    a large imaginary part); the message is one line."""
 
 
-def compute_statistics(features: np.ndarray) -> FIDStatistics:
+def check_finite(values: np.ndarray, what: str) -> None:
+    """FIDError naming ``what`` when ``values`` hold nan or inf: no matrix function may see them (scipy's sqrtm
+    can run for ever on a nan, and a nan mean silently gives ``FID: nan``)."""
+    bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+    if bad:
+        raise FIDError(f"{what} holds {bad} non-finite value{'s' if bad > 1 else ''} (nan or inf) of "
+                       f"{np.size(values)}: no score can be computed from it")
+
+
+def compute_statistics(features: np.ndarray, what: str = "features") -> FIDStatistics:
+    check_finite(features, what)
     # np.mean keeps float32 features in float32, np.cov promotes to float64: both as in ADM.
     return FIDStatistics(np.mean(features, axis=0), np.cov(features, rowvar=False))
 
@@ -42,12 +53,16 @@ _SCIPY_HAS_DISP = tuple(int(p) for p in scipy.__version__.split(".")[:2]) < (1, 
 def _sqrtm(a: np.ndarray) -> np.ndarray:
     # ADM calls sqrtm(..., disp=False), which silences scipy's singular-matrix message. scipy >= 1.16 deprecates
     # `disp` (gone in 1.18) and warns with LinAlgWarning instead, which we silence the same way: the
-    # non-finite / imaginary checks below are what decide whether the result is usable.
+    # non-finite / imaginary checks below are what decide whether the result is usable. Its inputs are finite
+    # (checked first), so LAPACK's iterations are bounded; one that does not converge raises, and so do we.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        if _SCIPY_HAS_DISP:
-            return linalg.sqrtm(a, disp=False)[0]
-        return linalg.sqrtm(a)
+        try:
+            if _SCIPY_HAS_DISP:
+                return linalg.sqrtm(a, disp=False)[0]
+            return linalg.sqrtm(a)
+        except (linalg.LinAlgError, ValueError) as e:
+            raise FIDError(f"FID: the matrix square root of the covariance product failed ({e})") from None
 
 
 def frechet_distance(sample: FIDStatistics, ref: FIDStatistics, eps: float = FID_EPS) -> float:
@@ -58,6 +73,9 @@ def frechet_distance(sample: FIDStatistics, ref: FIDStatistics, eps: float = FID
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"statistics differ in size: mu {mu1.shape} vs {mu2.shape}, "
                          f"sigma {sigma1.shape} vs {sigma2.shape}")
+    for values, what in ((mu1, "the sample mean"), (sigma1, "the sample covariance"), (mu2, "the reference mean"),
+                         (sigma2, "the reference covariance")):
+        check_finite(values, what)
     diff = mu1 - mu2
     covmean = _sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
@@ -65,6 +83,7 @@ def frechet_distance(sample: FIDStatistics, ref: FIDStatistics, eps: float = FID
         warnings.warn(f"FID: singular covariance product, adding {eps} to the diagonals", RuntimeWarning)
         offset = np.eye(sigma1.shape[0]) * eps
         covmean = _sqrtm((sigma1 + offset).dot(sigma2 + offset))
+        check_finite(covmean, "FID: the square root of the regularised covariance product")
     if np.iscomplexobj(covmean):
         # Round-off gives tiny imaginary parts; only a large one on the diagonal means something is wrong.
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):

@@ -54,6 +54,8 @@ def _read_exact(f: IO[bytes], size: int, path: str) -> bytes:
 
 @contextmanager
 def _open_member(path: str, name: str = ARRAY_NAME) -> Iterator[tuple[IO[bytes], zipfile.ZipInfo]]:
+    if os.path.isdir(path):
+        raise EvaluatorInputError(f"{path}: is a folder, not an .npz file")
     if not os.path.isfile(path):
         raise EvaluatorInputError(f"{path}: file not found")
     try:
@@ -181,6 +183,7 @@ def num_batches(num_items: int, batch_size: int) -> int:
 
 def read_precomputed_statistics(path: str) -> dict[str, np.ndarray] | None:
     """``mu``/``sigma``/``mu_s``/``sigma_s`` when the npz carries them (ADM reference batches do), else None.
+    Statistics that are not finite numbers are refused here, before any feature or matrix function.
 
     ``np.load`` on an npz is lazy per member, so this never touches ``arr_0``."""
     keys = ("mu", "sigma", "mu_s", "sigma_s")
@@ -191,4 +194,13 @@ def read_precomputed_statistics(path: str) -> dict[str, np.ndarray] | None:
         if missing:
             raise EvaluatorInputError(
                 f"{path}: has 'mu' but lacks {', '.join(missing)} (need all of {', '.join(keys)})")
-        return {k: npz[k] for k in keys}
+        stats = {k: npz[k] for k in keys}
+    for k, v in stats.items():
+        if v.dtype.kind not in "fiu":
+            raise EvaluatorInputError(f"{path}: stored '{k}' has dtype {v.dtype}, not numbers")
+        bad = int(v.size - np.count_nonzero(np.isfinite(v)))
+        if bad:
+            raise EvaluatorInputError(f"{path}: stored '{k}' holds {bad} non-finite value{'s' if bad > 1 else ''} "
+                                      f"(nan or inf): no FID can be computed from it (remove mu/sigma/mu_s/sigma_s "
+                                      f"to have them computed from the images)")
+    return stats

@@ -43,17 +43,24 @@ class ReferenceStats(NamedTuple):
     features: np.ndarray            # pool_3 features [N, D], for precision/recall
 
 
-def statistics(path: str, stored: dict | None, pool: np.ndarray, spatial: np.ndarray
-               ) -> tuple[metrics.FIDStatistics, metrics.FIDStatistics]:
-    """(pool, spatial) statistics of a batch: the ones its file carries (as ADM), else computed from features."""
-    if stored is None:
-        return metrics.compute_statistics(pool), metrics.compute_statistics(spatial)
-    for key, dim in (("mu", pool.shape[1]), ("mu_s", spatial.shape[1])):
+def check_stored(path: str, stored: dict, dims: tuple[int, int]) -> None:
+    """Stored ``mu``/``sigma``/``mu_s``/``sigma_s`` (finite: ``read_precomputed_statistics``) must have the shapes
+    of this graph's (pool, spatial) features."""
+    for key, dim in zip(("mu", "mu_s"), dims):
         sigma = "sigma" + key[2:]
         if stored[key].shape != (dim,) or stored[sigma].shape != (dim, dim):
             raise EvaluatorInputError(
                 f"{path}: stored {key}/{sigma} have shapes {stored[key].shape}/{stored[sigma].shape}, "
                 f"but this Inception graph gives {dim}-d features")
+
+
+def statistics(path: str, stored: dict | None, pool: np.ndarray, spatial: np.ndarray, what: str = "sample"
+               ) -> tuple[metrics.FIDStatistics, metrics.FIDStatistics]:
+    """(pool, spatial) statistics of a batch: the ones its file carries (as ADM), else computed from features."""
+    if stored is None:
+        return (metrics.compute_statistics(pool, f"the {what} batch's pool_3 features"),
+                metrics.compute_statistics(spatial, f"the {what} batch's spatial features"))
+    check_stored(path, stored, (pool.shape[1], spatial.shape[1]))
     print(f"using the statistics stored in {path}")
     return (metrics.FIDStatistics(stored["mu"], stored["sigma"]),
             metrics.FIDStatistics(stored["mu_s"], stored["sigma_s"]))
@@ -62,7 +69,9 @@ def statistics(path: str, stored: dict | None, pool: np.ndarray, spatial: np.nda
 def score(pool: np.ndarray, spatial: np.ndarray, ref: ReferenceStats, net: InceptionBackend,
           sample_path: str = "", sample_stored: dict | None = None) -> EvalResult:
     """The five numbers for a sample batch's features (pool_3 [N, D] and spatial [N, S] float32, in sample
-    order; the class logits are pool_3 times the graph's softmax weights) against a reference batch."""
+    order; the class logits are pool_3 times the graph's softmax weights) against a reference batch. Features
+    that are not finite are refused (FIDError) before any statistic."""
+    metrics.check_finite(pool, "the sample batch's pool_3 features")
     probs = metrics.softmax_probabilities(pool, net.softmax_weights)
     sample_stats, sample_stats_s = statistics(sample_path, sample_stored, pool, spatial)
     estimator = metrics.ManifoldEstimator(distance_fn=net.pairwise_distances)
@@ -91,16 +100,20 @@ def reference_statistics(info: ImageArrayInfo, net: InceptionBackend, graph_sha:
         try:
             with np.load(path, allow_pickle=False) as f:
                 if int(f["format"]) == REF_CACHE_FORMAT:
+                    entry = {k: f[k] for k in ("mu", "sigma", "mu_s", "sigma_s", "pool")}
+                    for k, v in entry.items():
+                        metrics.check_finite(v, f"cached '{k}'")
                     print(f"using the cached reference statistics {path}")
-                    return ReferenceStats(metrics.FIDStatistics(f["mu"], f["sigma"]),
-                                          metrics.FIDStatistics(f["mu_s"], f["sigma_s"]), f["pool"])
-        except Exception as e:  # a truncated or foreign file: compute again and overwrite it
+                    return ReferenceStats(metrics.FIDStatistics(entry["mu"], entry["sigma"]),
+                                          metrics.FIDStatistics(entry["mu_s"], entry["sigma_s"]), entry["pool"])
+        except Exception as e:  # a truncated, foreign or non-finite entry: compute again and overwrite it
             warn(f"{path}: unreadable reference cache entry ({type(e).__name__}), computing it again")
     h, w = info.image_size
     print(f"computing reference batch activations ({info.num_images} images, {h}x{w})...")
     pool, spatial = net.activations(iter_batches(info.path, net.batch_size),
                                     total=num_batches(info.num_images, net.batch_size), desc="reference")
-    stats, stats_s = statistics(info.path, read_precomputed_statistics(info.path), pool, spatial)
+    metrics.check_finite(pool, f"{info.path}: the reference batch's pool_3 features")
+    stats, stats_s = statistics(info.path, read_precomputed_statistics(info.path), pool, spatial, "reference")
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}.npz")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

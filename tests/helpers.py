@@ -60,6 +60,24 @@ def interrupt(cmd: list, metrics_file: Path, sig: int, cwd: Path, after_steps: i
     return proc.returncode, out, err
 
 
+def extract_killed_after_one_batch(argv, monkeypatch) -> None:
+    """Run code extraction in-process with ``argv`` and let it die (KeyboardInterrupt) right after it has written
+    and recorded its first batch, as a killed job would."""
+    from autoregressive.data import code_store
+    from autoregressive.train import extract_codes
+
+    real_write = code_store.CodeStoreWriter.write
+
+    def dies_after_one_batch(self, *a, **k):
+        real_write(self, *a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(code_store.CodeStoreWriter, "write", dies_after_one_batch)
+    with pytest.raises(KeyboardInterrupt):
+        extract_codes.main(argv)
+    monkeypatch.setattr(code_store.CodeStoreWriter, "write", real_write)
+
+
 # ---------------------------------------------------------------- images and the evaluator
 def photo_crops(size=64, offset=0):
     from skimage import data

@@ -313,9 +313,9 @@ def test_extraction_and_sampling_read_model_weights_unless_ema(files, tmp_path, 
     assert f"from {files / 'tok.pt'} ('ema' weights" in capsys.readouterr().out
     common = ["--vq-ckpt", str(files / "tok.pt"), "--gpt-ckpt", str(files / "far.pt"), "--image-size", "32",
               "--image-size-eval", "32", "--downsample-size", "4", "--num-classes", "2", "--num-fid-samples", "1",
-              "--per-proc-batch-size", "1", "--sample-dir", str(tmp_path), "--grid-samples", "0"]
+              "--per-proc-batch-size", "1", "--grid-samples", "0"]
     for flags, far_w, tok_w in [([], "model", "model"), (["--ema", "--vq-ema"], "ema", "ema")]:
-        sample(common + flags, num_factors=2)
+        sample(common + flags + ["--sample-dir", str(tmp_path / far_w)], num_factors=2)  # (the name omits --ema)
         out = capsys.readouterr().out
         assert f"from {files / 'far.pt'} ('{far_w}' weights" in out and f"from {files / 'tok.pt'} ('{tok_w}'" in out
     assert weight_preference(False)[0] == "model" and weight_preference(True) == ("ema",)

@@ -205,3 +205,40 @@ def test_reconstruction_scores_rfid_with_two_processes(fx, tmp_path):
                     backend="torch", device="cpu")
     assert_same(res, want)
     assert scores(tmp_path / "reconstructions")[0]["name"] == "T" and "PSNR:" in r.stdout
+
+
+def test_non_finite_reference_statistics_stop_before_any_image(fx, tmp_path):
+    """The instance (issue 28): one nan in the reference's stored sigma hung the sampler after every image was made,
+    and each rerun resumed into the same hang."""
+    stats = {"mu": np.zeros(4), "sigma": np.eye(4), "mu_s": np.zeros(4), "sigma_s": np.eye(4)}  # (read before sizes)
+    stats["sigma"][0, 1] = np.nan
+    np.savez(tmp_path / "nan.npz", np.load(fx / "ref.npz")["arr_0"], **stats)
+    argv = sampler_args(fx, tmp_path / "out", "--cfg-scale", "2.0")
+    argv[argv.index("--fid-ref") + 1] = str(tmp_path / "nan.npz")
+    with pytest.raises(SystemExit) as e:
+        sample_main(argv, 2)
+    assert str(e.value.code) == (f"error: {tmp_path / 'nan.npz'}: stored 'sigma' holds 1 non-finite value (nan or "
+                                 f"inf): no FID can be computed from it (remove mu/sigma/mu_s/sigma_s to have them "
+                                 f"computed from the images)")
+    assert not (tmp_path / "out").exists()  # before any image
+
+
+def test_a_failed_score_keeps_the_finished_npz(fx, single, tmp_path, monkeypatch):
+    from evaluations import inprocess
+
+    def fails(*a, **k):
+        raise metrics.FIDError("FID: the matrix square root of the covariance product failed (stand-in)")
+
+    monkeypatch.setattr(inprocess, "score", fails)
+    argv = sampler_args(fx, tmp_path, "--cfg-scale", "2.0")
+    with pytest.raises(SystemExit) as e:
+        one_thread_main(argv)
+    npz = tmp_path / single[0].name
+    assert str(e.value.code) == (f"error: FID: the matrix square root of the covariance product failed (stand-in) "
+                                 f"(the 7 samples are kept in {npz}: score them with evaluations/evaluator.py)")
+    assert np.array_equal(np.load(npz)["arr_0"], np.load(single[0])["arr_0"])  # finished, whole
+    assert not list(tmp_path.glob("*.parts")) and not list(tmp_path.glob(".*.lock"))
+    with pytest.raises(SystemExit) as e:  # and never written over without being asked
+        one_thread_main(argv)
+    assert str(e.value.code) == (f"error: {npz} exists (a finished batch): pass --overwrite to write it again, or "
+                                 f"choose another output name")

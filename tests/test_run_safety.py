@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import FAR_TINY, TINY, interrupt, metrics, torchrun_cmd
+from helpers import FAR_TINY, TINY, extract_killed_after_one_batch, interrupt, metrics, torchrun_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
 FAR_TRAIN = "autoregressive/train/train_c2i_dual.py"
@@ -315,16 +315,7 @@ def test_extraction_progress_is_keyed_by_the_checkpoint_content(setup, tmp_path,
     ckpt.write_bytes((setup / "dual.pt").read_bytes())
     args = ["--vq-ckpt", str(ckpt), "--data-path", str(setup / "data"), "--image-size", "32", "--num-workers", "0",
             "--batch-size", "4", "--code-path", str(tmp_path / "codes")]
-    real_write = code_store.CodeStoreWriter.write
-
-    def dies_after_one_batch(self, *a, **k):
-        real_write(self, *a, **k)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(code_store.CodeStoreWriter, "write", dies_after_one_batch)
-    with pytest.raises(KeyboardInterrupt):
-        extract_codes.main(args)
-    monkeypatch.setattr(code_store.CodeStoreWriter, "write", real_write)
+    extract_killed_after_one_batch(args, monkeypatch)
     partial = np.load(tmp_path / "codes" / ".codes_00000.npy.tmp", mmap_mode="r+")
     partial[0] = 63  # marks the finished image
     partial.flush()
@@ -354,7 +345,7 @@ SAMPLE_ARGS = ["--vq-ckpt", "v.pt", "--gpt-ckpt", "g.pt"]
     ("sample", ["--num-fid-samples", "0"], "argument --num-fid-samples: 0 must be >= 1"),
     ("sample", ["--cfg-scale", "nan"], "argument --cfg-scale: nan is not a finite number"),
     ("sample", ["--temperature", "inf"], "argument --temperature: inf is not a finite number"),
-    ("sample", ["--top-p", "1.5"], "argument --top-p: 1.5 must be in [0, 1]"),
+    ("sample", ["--top-p", "1.5"], "argument --top-p: 1.5 must be in (0, 1]"),
     ("sample", ["--per-proc-batch-size", "-1"], "argument --per-proc-batch-size: -1 must be >= 1"),
     ("extract", ["--batch-size", "0"], "argument --batch-size: 0 must be >= 1"),
     ("extract", ["--num-images", "-1"], "argument --num-images: -1 must be >= 0"),

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from tokenizer.factor_metrics import codebook_stats, separability, tsne
-from tokenizer.models import describe_tokenizer, load_tokenizer, swap_factor
+from tokenizer.models import check_tokenizer_flags, describe_tokenizer, load_tokenizer, swap_factor
 from tokenizer.reconstruct_image import psnr
 from utils.argtypes import nonnegative_int, positive_int
 from utils.checkpoint import CheckpointError, unsafe_load_flag
@@ -197,6 +197,7 @@ def factor_report(args: ReportConfig) -> dict:
     info = init_distributed()
     try:
         model = load_tokenizer(args.vq_ckpt, map_location="cpu")
+        check_tokenizer_flags(args, model)
         dataset = image_dataset(args.data_path, eval_transform(args.image_size), args.image_size)
     except (CheckpointError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

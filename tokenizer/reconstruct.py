@@ -34,11 +34,11 @@ import torch.nn.functional as F
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from tqdm import tqdm
 
-from evaluations.inprocess import POOL, SPATIAL, FIDFlags, InProcessFID, write_result
+from evaluations.inprocess import POOL, SCORING_ERRORS, SPATIAL, FIDFlags, InProcessFID, write_result
 from evaluations.errors import EvaluatorInputError
 from tokenizer.factor_metrics import codebook_stats
 from tokenizer.models import TokenizerFlags, check_tokenizer_flags, describe_tokenizer, load_tokenizer
-from utils.argtypes import nonnegative_int, positive_int
+from utils.argtypes import nonnegative_int, positive_int, seed_int
 from utils.checkpoint import CheckpointError, unsafe_load_flag
 from utils.data import UnreadableImage, eval_batches, eval_transform, image_dataset, rank_shard
 from utils.distributed import all_reduce_sum, cleanup, init_distributed
@@ -46,6 +46,7 @@ from utils.factors import preset_name
 from utils.flags import exits_on, flag, ignored, parse
 from utils.images import to_uint8
 from utils.npz import ShardedNpzWriter
+from utils.runfiles import NoSpace, OutputExists
 
 
 @dataclass(frozen=True)
@@ -64,12 +65,13 @@ class ReconstructConfig(TokenizerFlags, FIDFlags):
     sample_dir: str = flag("reconstructions")
     folder_name: str = flag("default_recon", help="names the outputs: <sample-dir>/<folder-name>.npz ...")
     per_proc_batch_size: int = flag(32, type=positive_int)
-    global_seed: int = flag(0, type=int, help="(nothing is random)")
+    global_seed: int = flag(0, type=seed_int, help="(nothing is random)")
     num_workers: int = flag(4, type=nonnegative_int)
     num_images: int = flag(0, type=nonnegative_int, help="evaluate only the first N images (0: all)")
     save_png: bool = flag(False, help="also write <sample-dir>/<folder-name>/NNNNNN.png")
     vgg_path: Optional[str] = flag(None, help="VGG16 ImageNet weights for LPIPS (optional)")
     no_tf32: bool = flag(False, help="full fp32 matmuls on GPU (TF32 is on by default)")
+    overwrite: bool = flag(False, help="write over a finished <sample-dir>/<folder-name>.npz (else refused)")
     unsafe_load: bool = unsafe_load_flag()
 
 
@@ -139,8 +141,11 @@ def evaluate(cfg: ReconstructConfig, num_factors: Optional[int]) -> dict:
         except EvaluatorInputError as e:
             sys.exit(f"error: {e}")
         log(f"--fid-ref: {fid.describe()}")
-    writer = ShardedNpzWriter(out, {"arr_0": ((n, size, size, 3), np.uint8), **(fid.arrays(n) if fid else {})},
-                              members=["arr_0"])
+    try:
+        writer = ShardedNpzWriter(out, {"arr_0": ((n, size, size, 3), np.uint8), **(fid.arrays(n) if fid else {})},
+                                  members=["arr_0"], overwrite=cfg.overwrite)
+    except (NoSpace, OutputExists) as e:
+        sys.exit(f"error: {e}")
     png_dir = Path(cfg.sample_dir) / cfg.folder_name
     if cfg.save_png:
         png_dir.mkdir(parents=True, exist_ok=True)
@@ -199,7 +204,11 @@ def evaluate(cfg: ReconstructConfig, num_factors: Optional[int]) -> dict:
               f"LPIPS: {'n/a' if results['lpips'] is None else format(results['lpips'], 'f')}; {extra}")
         (Path(cfg.sample_dir) / f"{cfg.folder_name}_results.txt").write_text(line + "\n")
         if fid is not None:
-            scores = fid.score(pool, spatial)
+            try:
+                scores = fid.score(pool, spatial)
+            except SCORING_ERRORS as e:
+                sys.exit(f"error: {e} (the reconstructions are kept in {out}: score them with "
+                         f"evaluations/evaluator.py)")
             results.update(scores._asdict(), fid_reference=cfg.fid_ref)
             write_result(scores, Path(cfg.sample_dir) / f"{cfg.folder_name}.txt",
                          Path(cfg.sample_dir) / "fid.jsonl", name=cfg.folder_name, num_samples=n,

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from tokenizer.models import load_tokenizer
+from tokenizer.models import check_tokenizer_flags, load_tokenizer
 from utils.argtypes import positive_int
 from utils.checkpoint import CheckpointError, unsafe_load_flag
 from utils.data import center_crop_arr, to_model_range
@@ -48,6 +48,7 @@ def main(argv=None) -> None:
 
     try:
         model = load_tokenizer(args.vq_ckpt, map_location="cpu").to(device)
+        check_tokenizer_flags(args, model)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     try:

@@ -25,6 +25,7 @@ from utils.distributed import cleanup, init_distributed
 from utils.flags import exits_on, flag, ignored, parse
 from utils.images import to_uint8
 from utils.npz import ShardedNpzWriter
+from utils.runfiles import NoSpace, OutputExists
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class ValConfig:
     per_proc_batch_size: int = flag(32, type=positive_int)
     num_workers: int = flag(4, type=nonnegative_int)
     num_images: int = flag(0, type=nonnegative_int, help="use only the first N images (0: all)")
+    overwrite: bool = flag(False, help="write over a finished <sample-dir>/val_<dataset>.npz (else refused)")
 
 
 def main(argv=None) -> Path:
@@ -55,7 +57,11 @@ def write_reference_batch(cfg: ValConfig) -> Path:
         sys.exit(f"error: {e}")
     n = min(len(dataset), cfg.num_images) if cfg.num_images else len(dataset)
     out = Path(cfg.sample_dir) / f"val_{cfg.dataset}.npz"
-    writer = ShardedNpzWriter(out, {"arr_0": ((n, cfg.image_size, cfg.image_size, 3), np.uint8)})
+    try:
+        writer = ShardedNpzWriter(out, {"arr_0": ((n, cfg.image_size, cfg.image_size, 3), np.uint8)},
+                                  overwrite=cfg.overwrite)
+    except (NoSpace, OutputExists) as e:
+        sys.exit(f"error: {e}")
     batches = eval_batches(dataset, rank_shard(n, info.rank, info.world_size), cfg.per_proc_batch_size,
                            cfg.num_workers)
     total = -(-len(rank_shard(n, info.rank, info.world_size)) // cfg.per_proc_batch_size)

@@ -72,3 +72,23 @@ def byte_size(text: str) -> int:
     if value * scale < 1:
         raise argparse.ArgumentTypeError(f"{text} must be at least 1 byte")
     return int(value * scale)
+
+
+def positive_unit_float(text: str) -> float:
+    """A number in (0, 1] (top-p: 0 would keep no token)."""
+    value = _number(float, text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} must be in (0, 1]")
+    return value
+
+
+SEED_LIMIT = 2 ** 63
+
+
+def seed_int(text: str) -> int:
+    """A random seed: an integer in [0, 2^63), what every random stream of the project (torch's generators, the
+    sampler's counter-based streams) accepts."""
+    value = _number(int, text)
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"{value} must be in [0, 2^63)")
+    return value

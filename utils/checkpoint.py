@@ -131,7 +131,11 @@ class HubFile:
         if len(parts) < 3 or not all(parts):
             raise CheckpointError(f"{name}: not a Hugging Face file name; expected hf://owner/repo[@revision]/file, "
                                   f"e.g. hf://ZechenBai/FQGAN/fqgan_dual_ds16.pt")
-        repo, _, revision = parts[1].partition("@")
+        repo, at, revision = parts[1].partition("@")
+        if not repo or (at and not unquote(revision)):  # "repo@" would silently mean main
+            raise CheckpointError(f"{name}: {'an empty revision after' if repo else 'no repository name before'} "
+                                  f"'@'; expected hf://owner/repo[@revision]/file, e.g. "
+                                  f"hf://ZechenBai/FQGAN@main/fqgan_dual_ds16.pt")
         return cls(f"{parts[0]}/{repo}", "/".join(parts[2:]), unquote(revision) or None, repo_type)
 
     @property

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from utils.images import open_rgb
+from utils.images import TooManyUnreadable, open_rgb
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -98,11 +98,19 @@ def find_images(root: str | os.PathLike) -> tuple[list[tuple[str, int]], list[st
     sorted class names. Images directly under ``root`` (no class folders) get class 0. The list is what a user
     sees: hidden files and folders are left out, links are followed but a folder is entered once (a link that
     loops is skipped with a warning, instead of multiplying images under the wrong class) and each file is
-    listed once, under the first class that holds it."""
+    listed once, under the first class that holds it. A root that holds both image files and folders is refused:
+    it is neither layout (a folder named ``x.jpg`` among flat images would otherwise be the only class)."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"--data-path {root}: no such folder")
+        raise FileNotFoundError(f"--data-path {root}: " + ("is a file, not a folder" if root.exists() else
+                                                           "no such folder"))
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and _visible(d.name))
+    loose = sorted(p.name for p in root.iterdir() if is_image_file(p.name) and _visible(p.name) and p.is_file())
+    if classes and loose:
+        some = lambda names: ", ".join(names[:2]) + (" ..." if len(names) > 2 else "")  # noqa: E731
+        raise FileNotFoundError(f"--data-path {root}: holds both image files ({some(loose)}) and folders "
+                                f"({some([c + '/' for c in classes])}): use <root>/<class>/<image>, or a flat "
+                                f"folder of images only")
     samples: list[tuple[str, int]] = []
     notes: list[str] = []
     seen_files: set = set()
@@ -112,8 +120,7 @@ def find_images(root: str | os.PathLike) -> tuple[list[tuple[str, int]], list[st
         for ci, c in enumerate(classes):
             samples += [(f, ci) for f in _walk_images(root / c, seen_dirs, seen_files, notes)]
     else:
-        samples = [(str(p), 0) for p in sorted(root.iterdir()) if is_image_file(p.name) and _visible(p.name)
-                   and p.is_file()]
+        samples = [(str(root / name), 0) for name in loose]
         classes = [""]
     for note in notes:
         warnings.warn(note, stacklevel=2)
@@ -187,10 +194,13 @@ class SafeImageDataset(Dataset):
             try:
                 x, label = self._load(i)
                 return x, label, i, bad
-            except Exception:
+            except Exception as e:
+                last = e
                 continue
         if self.fallback:
-            raise RuntimeError(f"{self.max_fallbacks} unreadable images in a row from {self.where(index)}")
+            why = str(last).strip().splitlines()[0] if str(last).strip() else type(last).__name__
+            raise TooManyUnreadable(f"{self.max_fallbacks} unreadable images in a row from {self.where(index)} "
+                                    f"(the last: {why}); is --data-path the folder of images it should be?")
         # A black stand-in, through the same transform so it stacks with the batch (views included).
         blank = Image.new("RGB", (self.image_size, self.image_size))
         return self.transform(blank, random.Random(0)), self.label(index), index, 1
@@ -312,7 +322,7 @@ class ResumableSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2 ** 64)  # (any --global-seed)
             order = torch.randperm(self.n, generator=g)
         else:
             order = torch.arange(self.n)

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -42,20 +42,48 @@ BACKGROUND = (255, 255, 255)  # what transparent pixels are composited over (as 
 WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit (and 32-bit integer) grey, full 16-bit range
 
 
+EXIF_ORIENTATION = 0x0112  # the EXIF tag a camera sets instead of rotating the pixels (1: as stored)
+
+
 class UnreadableImage(ValueError):
     """An image whose pixels cannot be turned into RGB faithfully (one-line message)."""
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL image -> its true 8-bit RGB, the one home of this rule for training, reference batches, extraction
-    and reconstruction. PIL's own ``convert("RGB")`` clips 16-bit grey to 255 (a 16-bit PNG comes out almost
-    white) and drops transparency, showing whatever colour hides under transparent pixels. Here:
+class TooManyUnreadable(RuntimeError):
+    """Training met that many unreadable images in a row: the folder is not what it should be (one line). Raised in
+    a loader worker, it reaches the training loop re-raised by torch with the worker's traceback in its message,
+    which is dropped again here."""
 
+    def __init__(self, message: str):
+        if message.startswith("Caught ") and "\n" in message:  # torch.utils.data's re-raise of a worker's error
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(message)
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image as a viewer shows it: a JPEG (or PNG, TIFF, WebP) whose EXIF orientation says "rotated" or
+    "mirrored" is turned accordingly (``ImageOps.exif_transpose``); any other image is returned as it is, without
+    a copy. An EXIF block that cannot be parsed leaves the pixels as stored."""
+    try:
+        orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # a malformed EXIF block: PIL raises whatever its parser meets
+        return img
+    return ImageOps.exif_transpose(img) if orientation in range(2, 9) else img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image -> its true 8-bit RGB, upright, the one home of this rule for training, reference batches,
+    extraction and reconstruction (every reader decodes through it). PIL's own ``convert("RGB")`` ignores the
+    EXIF orientation (a portrait photo comes out sideways), clips 16-bit grey to 255 (a 16-bit PNG comes out
+    almost white) and drops transparency, showing whatever colour hides under transparent pixels. Here:
+
+    * the EXIF orientation is applied first (``upright``);
     * 16-bit grey (``I;16*``, and ``I``, which PIL uses for 16-bit PNGs) is scaled 65535 -> 255, rounded;
     * 1-bit, grey, palette, CMYK and YCbCr images convert as PIL does (a palette with a transparent entry is
       first expanded to RGBA);
     * transparency (``LA``, ``RGBA``, ``PA``, premultiplied ``La``/``RGBa``) is composited over white;
     * float images (``F``) and anything else PIL cannot convert are refused (UnreadableImage)."""
+    img = upright(img)
     mode = img.mode
     if mode in WIDE_MODES:
         arr = np.asarray(img).astype(np.int64)

@@ -37,11 +37,12 @@ def _tensorboard_without_tensorflow() -> None:
 
 
 class MetricWriter:
-    """Scalars and images to TensorBoard (and wandb when ``use_wandb`` and it is installed). A no-op off rank 0."""
+    """Scalars and images to TensorBoard (and wandb when ``use_wandb`` and it is installed). A no-op off rank 0.
+    ``purge_step``: a run resumed at step S passes S + 1, so events an earlier session logged after S are hidden."""
 
     def __init__(self, log_dir: Optional[str | os.PathLike], enabled: bool = True, use_wandb: bool = False,
                  wandb_project: str = "fqgan", run_name: Optional[str] = None, config: Any = None,
-                 logger: Optional[logging.Logger] = None):
+                 logger: Optional[logging.Logger] = None, purge_step: Optional[int] = None):
         self.tb = None
         self.wandb = None
         if not enabled or log_dir is None:
@@ -49,7 +50,9 @@ class MetricWriter:
         _tensorboard_without_tensorflow()
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(log_dir=str(log_dir))
+        # purge_step: TensorBoard hides the events of earlier sessions from that step on (a resumed run's steps are
+        # then shown once, not also as the dead run logged them after its last checkpoint)
+        self.tb = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
         if use_wandb:
             try:
                 import wandb

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import struct
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from utils.distributed import all_gather_objects, barrier, get_rank
-from utils.runfiles import NoSpace, create_npy, reserve_space
+from utils.runfiles import NoSpace, OutputExists, create_npy, read_json, reserve_space, write_json_atomic
 
 # ------------------------------------------------------------------------------------------------ the zip layout
 # ZIP64 records (APPNOTE.TXT 4.3.7, 4.3.12, 4.3.14-16, 4.5.3): sizes and offsets live in the zip64 extra fields,
@@ -122,11 +123,16 @@ class ShardedNpzWriter:
 
     Resumable with a ``fingerprint`` (what the rows depend on: checkpoints, sampling settings, world size ...):
     each rank reports the rows it has finished with ``mark_done``; a writer created again for the same path,
-    arrays, members and fingerprint keeps what was written and tells each rank in ``done`` how many of its rows
-    are finished, so a killed run continues where it stopped. Anything else starts afresh."""
+    arrays, members and fingerprint keeps what was written and tells each rank in ``done`` how many of its
+    ``rows`` are finished, so a killed run continues where it stopped. Anything else starts afresh. Progress
+    records are written atomically; one that cannot be read, or does not fit the rank's ``rows``, restarts that
+    rank's rows (with a warning), so a row is never taken as written when it was not.
+
+    A finished npz at ``path`` is never written over unless ``overwrite`` (``OutputExists``, on every rank)."""
 
     def __init__(self, path: str | os.PathLike, arrays: Mapping[str, tuple[tuple[int, ...], np.dtype]],
-                 fingerprint: Optional[dict[str, Any]] = None, members: Optional[Sequence[str]] = None):
+                 fingerprint: Optional[dict[str, Any]] = None, members: Optional[Sequence[str]] = None,
+                 rows: Optional[int] = None, overwrite: bool = False):
         self.path = Path(path)
         self.parts = self.path.with_name(self.path.name + ".parts")
         self.arrays = {k: (tuple(s), np.dtype(d)) for k, (s, d) in arrays.items()}
@@ -140,29 +146,54 @@ class ShardedNpzWriter:
             "arrays": {k: [list(s), d.str] for k, (s, d) in self.arrays.items()}, "members": self.members,
             "fingerprint": fingerprint}))
         key_file = self.parts / "key.json"
-        no_space = None
-        if get_rank() == 0 and not (fingerprint is not None and key_file.is_file()
-                                    and json.loads(key_file.read_text()) == key):
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(self.parts, ignore_errors=True)
-            self.parts.mkdir(parents=True)
-            try:  # a full disk: one line now, not a SIGBUS through the memory map later
-                if self.layout is not None:
-                    with open(self.partial, "wb") as f:
-                        reserve_space(f, self.layout.size, self.partial)
-                        self.layout.write_headers(f)
-                for name in self.arrays:
-                    if name not in self.members:
-                        create_npy(self.parts / f"{name}.npy", *self.arrays[name])
-            except NoSpace as e:
-                no_space = str(e)
-            key_file.write_text(json.dumps(key))
-        no_space = all_gather_objects(no_space)[0]  # (also the barrier: rank 0 has made the files)
-        if no_space:
-            raise NoSpace(errno.ENOSPC, no_space)
+        problem = None
+        if get_rank() == 0 and not (fingerprint is not None and read_json(key_file) == key):
+            problem = self._start_afresh(key, key_file, overwrite)
+        problem = all_gather_objects(problem)[0]  # (also the barrier: rank 0 has made the files)
+        if problem:
+            kind, message = problem
+            raise OutputExists(errno.EEXIST, message) if kind == "exists" else NoSpace(errno.ENOSPC, message)
         self.maps = {name: self._map(name, "r+") for name in self.arrays}
         self.progress_file = self.parts / f"done_{get_rank():05d}.json"
-        self.done = json.loads(self.progress_file.read_text())["done"] if self.progress_file.is_file() else 0
+        self.done = self._recorded_done(rows if rows is not None else max((s[0] for s, _ in self.arrays.values()),
+                                                                          default=0))
+
+    def _start_afresh(self, key: dict, key_file: Path, overwrite: bool) -> Optional[tuple[str, str]]:
+        """Rank 0: new parts (the npz in its final layout, the other arrays as .npy files), their space reserved;
+        ``(kind, message)`` when that cannot be done: a finished npz in the way, or a full disk."""
+        if key_file.is_file():
+            print(f"warning: {key_file} is unreadable or describes other settings: the partial batch starts afresh",
+                  file=sys.stderr)
+        if self.path.exists() and not overwrite:
+            return "exists", (f"{self.path} exists (a finished batch): pass --overwrite to write it again, or "
+                              f"choose another output name")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.parts, ignore_errors=True)
+        self.parts.mkdir(parents=True)
+        try:  # a full disk: one line now, not a SIGBUS through the memory map later
+            if self.layout is not None:
+                with open(self.partial, "wb") as f:
+                    reserve_space(f, self.layout.size, self.partial)
+                    self.layout.write_headers(f)
+            for name in self.arrays:
+                if name not in self.members:
+                    create_npy(self.parts / f"{name}.npy", *self.arrays[name])
+        except NoSpace as e:
+            return "space", str(e)
+        write_json_atomic(key_file, key)
+        return None
+
+    def _recorded_done(self, rows: int) -> int:
+        """This rank's finished rows, as its progress record says, when the record fits its ``rows``; else 0."""
+        if not self.progress_file.is_file():
+            return 0
+        record = read_json(self.progress_file)
+        done = record.get("done") if isinstance(record, dict) else None
+        if type(done) is int and 0 <= done <= rows:
+            return done
+        print(f"warning: {self.progress_file}: progress record {record!r} does not fit this rank's {rows} rows: "
+              f"they are written again", file=sys.stderr)
+        return 0
 
     def _map(self, name: str, mode: str) -> np.ndarray:
         shape, dtype = self.arrays[name]
@@ -180,9 +211,7 @@ class ShardedNpzWriter:
         for m in self.maps.values():
             m.flush()
         self.done += count
-        tmp = self.progress_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"done": self.done}))
-        os.replace(tmp, self.progress_file)
+        write_json_atomic(self.progress_file, {"done": self.done})
 
     def gather(self, name: str) -> Optional[np.ndarray]:
         """Collective: the whole array ``name`` (every rank's rows) on rank 0, read back from the disk; None on

@@ -11,6 +11,7 @@ from typing import Any, Mapping, Union
 import torch
 
 from utils.distributed import all_reduce_mean
+from utils.runfiles import write_text_atomic
 
 Scalar = Union[torch.Tensor, float, int]
 
@@ -85,6 +86,26 @@ def progress_line(step: int, total: int, epoch: int, parts: list[str], speed: di
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def trim_metrics(path: Path, step: int) -> int:
+    """Keep the lines of ``metrics.jsonl`` up to ``step`` (the checkpoint a run resumes from): a run killed after
+    its last checkpoint logged steps that the resumed run logs again. A line cut short by the kill goes too.
+    Rewritten atomically; returns how many lines were dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            keep = isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step
+        except ValueError:
+            keep = False
+        kept += [line] if keep else []
+        dropped += not keep
+    if dropped:
+        write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+    return dropped
 
 
 def report(logger: logging.Logger, writer, jsonl: Path | None, step: int, total: int, epoch: int,

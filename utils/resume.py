@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from utils.checkpoint import CheckpointError, extract_weights, load_file
+from utils.distributed import get_world_size
 from utils.flags import fields_where, flag_name
 from utils.rng import restore_rng_state
 
@@ -76,8 +77,9 @@ class Resume:
         return restore_position(self.ckpt, steps_per_epoch, scalers, log)
 
     def announce(self, start: Position, log: logging.Logger) -> None:
-        log.info(f"Resumed from {self.path}: step {start.step}, epoch {start.epoch}, batch {start.batch}"
-                 + ("" if self.exact else " (finetune: step counter reset)"))
+        note = ("" if self.exact else " (finetune: step counter reset)" if resumable(self.ckpt)
+                else " (a weights-only file, not a training checkpoint: its weights only, step 0, a fresh optimizer)")
+        log.info(f"Resumed from {self.path}: step {start.step}, epoch {start.epoch}, batch {start.batch}" + note)
 
 
 def resumable(ckpt: Any) -> bool:
@@ -137,9 +139,10 @@ def check_resumed_flags(ckpt: dict[str, Any], cfg: Any, path: str, log: logging.
 def resume_run(cfg: Any, ckpt_dir: Path, exp_dir: Path, explicit: Optional[str], flag: str, log: logging.Logger,
                finetune: bool = False) -> Resume:
     """Find what a run resumes from (``find_resume``) and, when it continues it exactly (always for the run's own
-    checkpoints; not for a ``finetune`` seed), check the flags that may not change."""
+    checkpoints; not for a ``finetune`` seed, nor for a weights-only file, which has no position to continue),
+    check the flags that may not change."""
     resume = find_resume(explicit, ckpt_dir, exp_dir, flag, log)
-    resume.exact = resume.own or not finetune
+    resume.exact = resume.own or (not finetune and resumable(resume.ckpt))
     if resume.found and resume.exact:
         check_resumed_flags(resume.ckpt, cfg, resume.path, log)
     return resume
@@ -157,6 +160,11 @@ def restore_position(ckpt: dict[str, Any], steps_per_epoch: int, scalers: Mappin
         return Position(epoch * steps_per_epoch, epoch, 0), state
     for name, scaler in scalers.items():
         scaler.load_state_dict(state[name])
-    if not restore_rng_state(state.get("rng")):
+    written_by, world = state.get("world_size"), get_world_size()
+    if written_by is not None and written_by != world:
+        logger.warning(f"the checkpoint was written by {written_by} processes and this run has {world}: the data "
+                       f"order continues exactly (it does not depend on the number of processes), but each rank's "
+                       f"random stream (dropout masks, label dropout) starts afresh")
+    elif not restore_rng_state(state.get("rng")):
         logger.warning("world size changed since the checkpoint: RNG streams start afresh")
     return Position(steps, state["epoch"], state["batch_in_epoch"]), state

@@ -13,7 +13,7 @@ from utils.distributed import all_gather_objects, get_rank
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed % 2 ** 64)  # seed * world + rank may pass torch's uint64 for a large --global-seed
 
 
 def rng_state() -> dict[str, Any]:

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from utils.argtypes import finite_float, nonnegative_float, nonnegative_int, positive_float, positive_int, unit_float
+from utils.argtypes import (finite_float, nonnegative_float, nonnegative_int, positive_float, positive_int, seed_int,
+                            unit_float)
 from utils.checkpoint import SAVE_FORMATS, unsafe_load_flag
 from utils.distributed import DistInfo, all_gather_objects, init_distributed
 from utils.flags import PRECISIONS, config_namespace, flag, precision_flag, require
@@ -42,7 +43,7 @@ class RunConfig:
              "x this), so a recipe keeps its forward passes on any number of GPUs")
     gradient_accumulation_steps: Optional[int] = flag(
         None, type=positive_int, help="forward passes per optimizer step (default: from --micro-batch-size, else 1)")
-    global_seed: int = flag(0, type=int, resume="fixed")
+    global_seed: int = flag(0, type=seed_int, resume="fixed")
     epochs: int = flag(1, type=positive_int)
     max_steps: int = flag(0, type=nonnegative_int, help="stop after this many steps (0: run all epochs)")
     mixed_precision: str = precision_flag("bf16", "autocast dtype on GPU (CPU runs fp32)")

@@ -10,17 +10,21 @@
 * ``file_digest``: a checkpoint's content hash (streamed once, cached per file version): progress of extraction
   and sampling is keyed by it, so a checkpoint replaced at the same path starts them afresh.
 * ``remove_stale_temporaries``: the ``.NAME.XXXX.tmp`` files a killed atomic save leaves behind.
+* ``write_json_atomic`` / ``read_json``: progress records (of sampling, extraction) that a kill never leaves
+  half-written, and that read back as "no record" when they are not JSON; ``OutputExists``: a finished output
+  that is only replaced when asked.
 """
 from __future__ import annotations
 
 import errno
 import fcntl
 import hashlib
+import json
 import os
 import socket
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 LOCK_NAME = ".lock"
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -35,6 +39,39 @@ class NoSpace(OSError):
 
     def __str__(self) -> str:
         return str(self.strerror)
+
+
+class OutputExists(FileExistsError):
+    """A finished output a command would write over; it is replaced only when asked (``--overwrite``). The message
+    is one line naming it."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """``text`` into ``path`` through a temporary file beside it and a rename: whoever reads it (a rerun after a
+    kill, another rank) finds the old content or the new, never half of it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: str | os.PathLike, value: Any, **dump: Any) -> None:
+    write_text_atomic(path, json.dumps(value, **dump) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON value in ``path``, or None when the file is missing or holds no JSON (cut short, or edited):
+    a progress record that cannot be read is no record."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 _held: dict[str, "FolderLock"] = {}  # this process's locks, by lock-file path

@@ -26,9 +26,10 @@ from utils.checkpoint import atomic_save, write_checkpoint
 from utils.data import epoch_loader
 from utils.distributed import all_gather_objects, cleanup, get_world_size
 from utils.flags import exits_on
+from utils.images import TooManyUnreadable
 from utils.logs import MetricWriter
 from utils.preemption import StopSignal
-from utils.progress import MetricAverager, Throughput, report
+from utils.progress import MetricAverager, Throughput, report, trim_metrics
 from utils.resume import Position, latest_checkpoint
 from utils.rng import gather_rng_states
 from utils.run import Run, RunConfig, RunError, batch_split
@@ -82,7 +83,7 @@ def run_trainer(parse: Callable[[], RunConfig], build: Callable[[RunConfig], Tra
             print(batch_split(cfg, int(os.environ.get("WORLD_SIZE", "1"))).describe(cfg))
             return None
         t = build(cfg)
-    with exits_on(RunError):
+    with exits_on(RunError, TooManyUnreadable):
         return train(t)
 
 
@@ -104,8 +105,11 @@ def train(t: Trainer) -> Optional[Path]:
     (rank 0). A run stopped by --max-nonfinite-steps raises RunError without a new checkpoint."""
     cfg, run, log = t.cfg, t.run, t.run.logger
     device = run.info.device
+    # What the checkpoint does not cover (steps a killed run logged after it) is logged again below: trim it.
     writer = MetricWriter(run.exp_dir / "tensorboard", run.info.is_main, cfg.wandb, t.project, cfg.exp_name,
-                          cfg.namespace(), log)
+                          cfg.namespace(), log, purge_step=t.start.step + 1)
+    if run.metrics_file is not None and (dropped := trim_metrics(run.metrics_file, t.start.step)):
+        log.info(f"{run.metrics_file}: dropped {dropped} lines past step {t.start.step}, where this run continues")
     throughput, averager = Throughput(device), MetricAverager(device)
     guard, stop = NonFiniteGuard(device, cfg.max_nonfinite_steps), StopSignal(cfg.stop_timeout)
     checkpoints = Checkpoints(t.save, cfg.ckpt_every, t.start)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -25,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from utils.distributed import all_gather_objects, barrier, get_rank
-from utils.runfiles import create_npy
+from utils.runfiles import create_npy, read_json, write_json_atomic
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -53,6 +54,14 @@ class CodeStoreInfo:
     def num_items(self) -> int:
         return sum(s["count"] for s in self.shards)
 
+    def identity(self) -> dict[str, Any]:
+        """What a generator trained on this store depends on: its tokenizer's content key, the grid, the factors,
+        the vocabulary, the images and views. A run records it and checks it on resume (a store re-extracted
+        with another tokenizer under the same path is not the one the run was trained on)."""
+        return {"tokenizer_sha256": self.extra.get("vq_ckpt_sha256"), "tokenizer_weights": self.extra.get("vq_weights"),
+                "grid": list(self.grid), "factors": list(self.factor_names), "vocab_size": self.vocab_size,
+                "images": self.num_items, "views": self.num_augs}
+
 
 def code_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
@@ -65,12 +74,14 @@ def _shard_names(rank: int) -> tuple[str, str]:
 class CodeStoreWriter:
     """Collective writer: every rank creates one with its own item count, fills it with ``write``, then all
     call ``close``. Files are written under temporary names and renamed at the end, and the manifest is written
-    last, so an interrupted extraction never looks complete.
+    last, so an interrupted extraction never looks complete. A finished store at ``root`` stays whole until
+    ``close`` replaces it (ask first: ``finished_store``), so an interrupted re-extraction leaves it usable.
 
     Resumable: after every ``write`` the rank's progress (items written, the caller's ``state``) is recorded
     beside its temporary files. A writer created again with the same ``fingerprint`` (what the items depend on:
     checkpoint, data, crops, world size ...) and shapes continues after the last recorded write: ``filled`` and
-    ``state`` say where; anything else starts over."""
+    ``state`` say where; anything else (a record of other settings, or one that does not fit the rank's
+    ``count``) starts that rank over, with a warning. The fingerprint is kept in the manifest's ``extra``."""
 
     def __init__(self, root: str | os.PathLike, count: int, num_augs: int, factor_names: list[str],
                  grid: tuple[int, int], vocab_size: int, fingerprint: Optional[dict[str, Any]] = None):
@@ -79,9 +90,9 @@ class CodeStoreWriter:
         self.count, self.num_augs = count, num_augs
         self.factor_names, self.grid, self.vocab_size = list(factor_names), list(grid), vocab_size
         self.dtype = code_dtype(vocab_size)
+        self.resumable = fingerprint is not None
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-            (self.root / MANIFEST).unlink(missing_ok=True)  # the store is incomplete until close()
         barrier()
         codes_name, labels_name = _shard_names(self.rank)
         self.files = [(self.root / f".{codes_name}.tmp", self.root / codes_name),
@@ -100,14 +111,17 @@ class CodeStoreWriter:
         self.filled, self.state = (done["filled"], done["state"]) if done is not None else (0, {})
 
     def _recorded_progress(self) -> Optional[dict[str, Any]]:
-        """The progress of an interrupted run of the same extraction, if its files are all there."""
+        """The progress of an interrupted run of the same extraction, if its files are all there and the record
+        fits this rank's items."""
         if not (self.progress_file.is_file() and all(tmp.is_file() for tmp, _ in self.files)):
             return None
-        try:
-            done = json.loads(self.progress_file.read_text())
-        except ValueError:
-            return None
-        return done if done.get("key") == self.key else None
+        done = read_json(self.progress_file)
+        if isinstance(done, dict) and done.get("key") == self.key and type(done.get("filled")) is int \
+                and 0 <= done["filled"] <= self.count and isinstance(done.get("state"), dict):
+            return done
+        print(f"warning: {self.progress_file}: the progress record is unreadable, of other settings or does not "
+              f"fit rank {self.rank}'s {self.count} items: they are encoded again", file=sys.stderr)
+        return None
 
     def write(self, codes: np.ndarray, labels: np.ndarray, state: Optional[dict[str, Any]] = None) -> None:
         """Append items: ``codes`` (b, augs, factors, tokens) integer, ``labels`` (b,); ``state`` (JSON) is
@@ -121,9 +135,7 @@ class CodeStoreWriter:
         self.state = state or {}
         self.codes.flush()
         self.labels.flush()
-        tmp = self.progress_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": self.key, "filled": self.filled, "state": self.state}))
-        os.replace(tmp, self.progress_file)
+        write_json_atomic(self.progress_file, {"key": self.key, "filled": self.filled, "state": self.state})
 
     def close(self, num_classes: int = 0, extra: Optional[dict[str, Any]] = None) -> Optional[CodeStoreInfo]:
         if self.filled != self.count:
@@ -131,21 +143,34 @@ class CodeStoreWriter:
         self.codes.flush()
         self.labels.flush()
         del self.codes, self.labels
+        counts = all_gather_objects(self.count)  # (every rank has written all its items)
+        if self.rank == 0:  # a finished store being replaced is incomplete from here on, never a mix that looks whole
+            (self.root / MANIFEST).unlink(missing_ok=True)
+        barrier()
         for tmp, final in self.files:
             os.replace(tmp, final)
         self.progress_file.unlink(missing_ok=True)
-        counts = all_gather_objects(self.count)
+        barrier()
         info = None
         if self.rank == 0:
             shards = [{"codes": _shard_names(r)[0], "labels": _shard_names(r)[1], "count": c}
                       for r, c in enumerate(counts)]
+            extra = {**(extra or {}), **({"fingerprint": self.key["fingerprint"]} if self.resumable else {})}
             info = CodeStoreInfo(len(self.factor_names), self.factor_names, self.grid[0] * self.grid[1], self.grid,
-                                 self.vocab_size, self.num_augs, self.dtype.name, shards, num_classes, extra or {})
-            tmp = self.root / f".{MANIFEST}.tmp"
-            tmp.write_text(json.dumps(asdict(info), indent=2) + "\n")
-            os.replace(tmp, self.root / MANIFEST)
+                                 self.vocab_size, self.num_augs, self.dtype.name, shards, num_classes, extra)
+            listed = {name for shard in shards for name in (shard["codes"], shard["labels"])}
+            for stale in [*self.root.glob("codes_*.npy"), *self.root.glob("labels_*.npy")]:
+                if stale.name not in listed:  # shards of a replaced store written by more processes
+                    stale.unlink()
+            write_json_atomic(self.root / MANIFEST, asdict(info), indent=2)
         barrier()
         return info
+
+
+def finished_store(root: str | os.PathLike) -> Optional[CodeStoreInfo]:
+    """The manifest of the finished store at ``root``, or None when there is none (nothing, or an extraction that
+    did not finish)."""
+    return read_manifest(root) if (Path(root) / MANIFEST).is_file() else None
 
 
 def read_manifest(root: str | os.PathLike) -> CodeStoreInfo:
@@ -161,6 +186,12 @@ def read_manifest(root: str | os.PathLike) -> CodeStoreInfo:
         raise CodeStoreError(f"{path}: not a code-store manifest ({e})") from None
     if info.version != FORMAT_VERSION:
         raise CodeStoreError(f"{path}: code-store format {info.version}, this code reads {FORMAT_VERSION}")
+    for shard in info.shards:
+        for kind in ("codes", "labels"):
+            name = shard.get(kind) if isinstance(shard, dict) else None
+            if not (isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name):
+                raise CodeStoreError(f"{path}: shard {kind} file {name!r} is not a file name inside the store "
+                                     f"(a manifest names its shards relative to {root}, without folders)")
     return info
 
 

@@ -184,6 +184,23 @@ def released_shape(ckpt: Any, sd: Mapping[str, torch.Tensor], path, gpt_model: O
             f"{heads} heads from {heads_from}, {grid}x{grid} tokens from {grid_from}")
 
 
+def trained_block_size(ckpt: Any) -> Optional[int]:
+    """The positions per image (grid x grid) a FAR checkpoint was trained on: its stored config's, else the
+    training script's ``args`` (image size / downsampling, squared; the original's files carry them); None when
+    the file does not say (bare weights)."""
+    if not isinstance(ckpt, Mapping):
+        return None
+    stored = ckpt.get("config")
+    if isinstance(stored, Mapping) and isinstance(stored.get("block_size"), int):
+        return stored["block_size"]
+    args = ckpt.get("args")
+    args = vars(args) if hasattr(args, "__dict__") else args if isinstance(args, Mapping) else {}
+    size, down = args.get("image_size"), args.get("downsample_size")
+    if isinstance(size, int) and isinstance(down, int) and down > 0:
+        return (size // down) ** 2
+    return None
+
+
 def load_far(path: str | os.PathLike, map_location: str | torch.device = "cpu",
              expect_factors: Optional[int] = None, prefer: tuple[str, ...] = MODEL_FIRST,
              dtype: Optional[torch.dtype] = None, unsafe_load: Optional[bool] = None,

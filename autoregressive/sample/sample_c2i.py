@@ -1,6 +1,6 @@
 """Class-conditional sampling from a FAR generator into an FID-ready npz; one implementation behind
 ``sample_c2i_ddp_dual_code.py`` and ``sample_c2i_ddp_triple_code.py``, and LlamaGen's ``sample_c2i_ddp.py`` (any
-generator, FAR or LlamaGen's GPT, its factor count read from the checkpoint; LlamaGen's defaults ``--gpt-model
+generator, FAR or LlamaGen's GPT, its factor count read from the checkpoints; LlamaGen's defaults ``--gpt-model
 GPT-B``, ``--image-size 384``). The token grid is the checkpoint's (stored config or training args; else
 ``--image-size`` / ``--downsample-size``). A GPT, as LlamaGen's sampler, guides only at a ``--cfg-scale`` above 1.
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -38,21 +39,26 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from autoregressive.models import MODELS, describe_far, load_far
+from autoregressive.models import MODELS, describe_far
+from autoregressive.models.checkpoint import far_from_checkpoint, trained_block_size
 from autoregressive.models.decode_attention import ATTENTION_KERNELS
 from autoregressive.sample.pipeline import ImageDecoder, auto_batch_size, sample_images
-from evaluations.inprocess import POOL, SPATIAL, FIDFlags, InProcessFID, write_result
+from evaluations.inprocess import POOL, SCORING_ERRORS, SPATIAL, FIDFlags, InProcessFID, write_result
 from evaluations.errors import EvaluatorInputError
 from tokenizer.models import TokenizerFlags, check_tokenizer_flags, describe_tokenizer, load_tokenizer
-from utils.argtypes import finite_float, nonnegative_int, positive_float, positive_int, unit_float
-from utils.checkpoint import CheckpointError, unsafe_load_flag, weight_preference
+from utils.argtypes import (finite_float, nonnegative_int, positive_float, positive_int, positive_unit_float,
+                            seed_int)
+from utils.checkpoint import load_file, unsafe_load_flag, weight_preference
 from utils.data import rank_shard
 from utils.distributed import all_gather_objects, cleanup, init_distributed
-from utils.flags import (COMPAT_GROUP, compile_flag, exits_on, flag, ignored, output_values, parse,
+from utils.flags import (COMPAT_GROUP, compile_flag, exits_on, flag, flag_name, ignored, output_values, parse,
                          precision_flag, require, torch_dtype)
 from utils.images import save_grid
 from utils.npz import ShardedNpzWriter
-from utils.runfiles import FolderInUse, FolderLock, NoSpace, checkpoint_digest
+from utils.runfiles import FolderInUse, FolderLock, NoSpace, OutputExists, checkpoint_digest
+
+
+PER_FACTOR = ("cfg_scale", "top_k", "temperature", "top_p")  # the flags that take one value or one per factor
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,9 @@ class SampleConfig(TokenizerFlags, FIDFlags):
         ignored("--gpt-type", type=str, choices=["c2i"], default="c2i", help="class-conditional is the only type"),
         ignored("--cls-token-num", type=positive_int, default=1, help="the checkpoint decides"),
     )
+    # the entry point's factor count (not a flag): what per-factor lists are checked against (None: any generator,
+    # its lists checked once the checkpoint is read)
+    num_factors: Optional[int] = 2
     gpt_model: str = flag("FAR-B", choices=tuple(MODELS),
                           help="names the output; the checkpoint decides the architecture (this gives the head count "
                                "of a file that does not say it)")
@@ -74,16 +83,17 @@ class SampleConfig(TokenizerFlags, FIDFlags):
     vq_ema: bool = flag(False, help="decode with the tokenizer's EMA weights (default: 'model', which extraction "
                                     "encodes with)")
     image_size: Optional[int] = flag(None, type=positive_int,
-                                     help="image size the generator was trained at (default: the checkpoint's, from "
-                                          "its config or training args; else 256, or 384 for sample_c2i_ddp.py as "
-                                          "LlamaGen)")
+                                     help="checked against --gpt-ckpt (default: its trained grid x the tokenizer's "
+                                          "downsampling; for a file that does not say, 256, or 384 for "
+                                          "sample_c2i_ddp.py as LlamaGen)")
     image_size_eval: int = flag(256, type=positive_int)
-    downsample_size: int = flag(16, type=int, choices=(4, 8, 16))
+    downsample_size: Optional[int] = flag(None, type=int, choices=(4, 8, 16),
+                                          help="checked against --vq-ckpt (default: its downsampling)")
     num_classes: int = flag(1000, type=positive_int)
-    cfg_scale: tuple[float, ...] = flag((1.5,), type=finite_float, nargs="+",
-                                        help="guidance scale: one value, or one per factor (visual first). A LlamaGen "
-                                             "GPT, as in LlamaGen, is guided only above 1: a scale <= 1 samples it "
-                                             "unguided")
+    cfg_scale: tuple[float, ...] = flag((1.5,), type=positive_float, nargs="+",
+                                        help="guidance scale (> 0; 1: unguided): one value, or one per factor (visual "
+                                             "first). A LlamaGen GPT, as in LlamaGen, is guided only above 1: a "
+                                             "scale below 1 samples it unguided")
     cfg_scales: Optional[str] = flag(None, output=False,
                                      help="a guidance sweep, e.g. 1.5,1.75,2.0: every scale (for all factors) sampled "
                                           "in turn, each its own npz/score, in one process (replaces --cfg-scale)")
@@ -107,22 +117,35 @@ class SampleConfig(TokenizerFlags, FIDFlags):
                           help="how each position's single query attends to the KV cache (see "
                                "autoregressive/models/decode_attention.py; a speed choice, like --compile)")
     num_fid_samples: int = flag(50000, type=positive_int)
-    global_seed: int = flag(0, type=int)
+    global_seed: int = flag(0, type=seed_int)
     top_k: tuple[int, ...] = flag((0,), type=nonnegative_int, nargs="+", help="one value or one per factor (0: off)")
     temperature: tuple[float, ...] = flag((1.0,), type=positive_float, nargs="+", help="one value or one per factor")
-    top_p: tuple[float, ...] = flag((1.0,), type=unit_float, nargs="+", help="one value or one per factor")
+    top_p: tuple[float, ...] = flag((1.0,), type=positive_unit_float, nargs="+",
+                                    help="in (0, 1]: one value or one per factor (1: off)")
     class_balanced: bool = flag(False, help="the same number of samples for every class")
     grid_samples: int = flag(64, type=nonnegative_int, output=False, help="how many samples the PNG grid shows")
     name: Optional[str] = flag(None, help="output name (default: the original's naming)")
     save_npz: bool = flag(True, action=argparse.BooleanOptionalAction, output=False,
                           help="write the npz (--no-save-npz with --fid-ref: only the scores and the grid)")
+    overwrite: bool = flag(False, output=False, help="sample again into an npz that is already finished (else a "
+                                                     "finished <sample-dir>/<name>.npz is refused in one line)")
     unsafe_load: bool = unsafe_load_flag()
     from_fsdp: bool = flag(False, group=COMPAT_GROUP, help="names the output after the checkpoint's folder, as the "
                                                            "original; our FSDP checkpoints are full state dicts")
 
     def __post_init__(self):
         require(self.save_npz or self.fid_ref, "--no-save-npz keeps nothing but the grid without --fid-ref")
+        if self.num_factors is not None:
+            self.check_per_factor(self.num_factors)
         self.sweep  # a malformed --cfg-scales fails here
+
+    def check_per_factor(self, num_factors: int) -> None:
+        """Every per-factor list has one value, or one per factor (a ValueError naming the flag otherwise)."""
+        for name in PER_FACTOR:
+            values = getattr(self, name)
+            require(len(values) in (1, num_factors),
+                    f"{flag_name(name)} {' '.join(map(str, values))}: give one value, or one per factor "
+                    f"({num_factors})")
 
     @property
     def sweep(self) -> list[tuple[float, ...]]:
@@ -135,18 +158,20 @@ class SampleConfig(TokenizerFlags, FIDFlags):
             raise ValueError(f"--cfg-scales {self.cfg_scales}: expected comma-separated numbers, e.g. "
                              f"1.5,1.75,2.0") from None
         require(bool(scales), f"--cfg-scales {self.cfg_scales!r}: no scale given")
+        require(all(math.isfinite(s) and s > 0 for s in scales),
+                f"--cfg-scales {self.cfg_scales}: every scale must be a finite number > 0")
         return [(s,) for s in scales]
 
 
-# The defaults of LlamaGen's sample_c2i_ddp.py where they differ from the FAR scripts' (``image_size``: the grid
-# a checkpoint that does not record one is sampled at).
+# The defaults of LlamaGen's sample_c2i_ddp.py where they differ from the FAR scripts' (``image_size``: the size a
+# checkpoint that does not record its grid is sampled at).
 LLAMAGEN_DEFAULTS = {"gpt_model": "GPT-B", "image_size": 384}
 
 
 def parse_config(argv=None, num_factors: Optional[int] = 2, defaults: Optional[dict] = None) -> SampleConfig:
-    kind = "FAR or LlamaGen GPT (the checkpoint decides)" if num_factors is None else f"{num_factors}-factor FAR"
+    kind = "FAR or LlamaGen GPT (the checkpoints decide)" if num_factors is None else f"{num_factors}-factor FAR"
     flags = {k: v for k, v in (defaults or {}).items() if k != "image_size"}
-    return parse(SampleConfig, argv, f"Sample {kind} images for FID.", defaults=flags)
+    return parse(SampleConfig, argv, f"Sample {kind} images for FID.", defaults=flags, num_factors=num_factors)
 
 
 def _one_or_list(values):
@@ -171,11 +196,33 @@ def sample_labels(n: int, num_classes: int, seed: int, balanced: bool) -> np.nda
     return rng.integers(0, num_classes, size=n)
 
 
+def checkpoint_sizes(args: SampleConfig, trained: Optional[int], downsample: int,
+                     fallback_size: int = 256) -> SampleConfig:
+    """``args`` with --image-size and --downsample-size as the checkpoints decide them: the tokenizer's
+    downsampling, and the generator's trained grid (``trained`` positions; None when its file does not say, then
+    --image-size, default ``fallback_size``). A flag given with another value is one line (ValueError)."""
+    if args.downsample_size not in (None, downsample):
+        raise ValueError(f"--downsample-size {args.downsample_size} does not match {args.vq_ckpt} ({downsample})")
+    if trained is None:
+        size = args.image_size or fallback_size
+        require(size % downsample == 0, f"--image-size {size} is not a multiple of {args.vq_ckpt}'s downsampling "
+                                        f"{downsample}")
+    else:
+        grid = math.isqrt(trained)
+        require(grid * grid == trained, f"{args.gpt_ckpt} was trained on {trained} positions, not a square grid")
+        size = grid * downsample
+        require(args.image_size in (None, size),
+                f"--image-size {args.image_size} does not fit {args.gpt_ckpt}, trained on {grid}x{grid} tokens, "
+                f"which {args.vq_ckpt} ({downsample}x downsampling) decodes to {size}x{size} images: leave "
+                f"--image-size out, or give {size}")
+    return dataclasses.replace(args, image_size=size, downsample_size=downsample)
+
+
 @torch.no_grad()  # evaluation only (and leaves grad mode alone for in-process callers)
 def main(argv=None, num_factors: Optional[int] = 2, defaults: Optional[dict] = None):
     """The npz path (None with --no-save-npz); a list of them for a --cfg-scales sweep. ``num_factors`` None
-    samples any generator (the factor count read from ``--gpt-ckpt``); ``defaults`` replaces flag defaults
-    (``LLAMAGEN_DEFAULTS``; ``image_size`` is then the grid's fallback when the checkpoint does not say)."""
+    samples any generator (the factor count read from the checkpoints); ``defaults`` replaces flag defaults
+    (``LLAMAGEN_DEFAULTS``; ``image_size`` is then the size of a checkpoint that does not record its grid)."""
     defaults = {"image_size": 256, **(defaults or {})}
     with exits_on(ValueError):
         args = parse_config(argv, num_factors, defaults)
@@ -188,19 +235,19 @@ def main(argv=None, num_factors: Optional[int] = 2, defaults: Optional[dict] = N
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True  # the decoder's convolutions: one shape, tuned once
     dtype = torch_dtype(args.precision) if device.type == "cuda" else torch.float32
-    asked = {} if args.image_size is None else {"block_size": (args.image_size // args.downsample_size) ** 2}
     try:
-        far = load_far(args.gpt_ckpt, expect_factors=num_factors, prefer=weight_preference(args.ema),
-                       gpt_model=args.gpt_model,
-                       default_block_size=(defaults["image_size"] // args.downsample_size) ** 2, **asked)
         # the original sampler decodes with the tokenizer's "model" weights, as its codes were extracted with
-        tokenizer = load_tokenizer(args.vq_ckpt, expect_factors=far.config.num_factors,
-                                   prefer=weight_preference(args.vq_ema))
+        tokenizer = load_tokenizer(args.vq_ckpt, expect_factors=num_factors, prefer=weight_preference(args.vq_ema))
         check_tokenizer_flags(args, tokenizer)
-    except CheckpointError as e:
+        gpt = load_file(args.gpt_ckpt)
+        args = checkpoint_sizes(args, trained_block_size(gpt), tokenizer.config.downsample, defaults["image_size"])
+        grid = args.image_size // args.downsample_size
+        far = far_from_checkpoint(gpt, args.gpt_ckpt, expect_factors=tokenizer.config.num_factors,
+                                  prefer=weight_preference(args.ema), gpt_model=args.gpt_model, block_size=grid * grid)
+        del gpt
+        args.check_per_factor(far.config.num_factors)
+    except ValueError as e:  # CheckpointError included
         sys.exit(f"error: {e}")
-    grid = far.config.grid_size
-    args = dataclasses.replace(args, image_size=grid * args.downsample_size)  # the checkpoint's (a given one agrees)
     if far.config.is_gpt:
         sweep = unguided_below_one(sweep, log)
     if far.config.vocab_size != tokenizer.config.codebook_size:
@@ -209,9 +256,6 @@ def main(argv=None, num_factors: Optional[int] = 2, defaults: Optional[dict] = N
     if args.num_classes != far.config.num_classes:
         sys.exit(f"error: --num-classes {args.num_classes} does not match {args.gpt_ckpt} "
                  f"({far.config.num_classes} classes)")
-    if tokenizer.config.downsample != args.downsample_size:
-        sys.exit(f"error: --downsample-size {args.downsample_size} does not match {args.vq_ckpt} "
-                 f"({tokenizer.config.downsample})")
     tokenizer = tokenizer.to(device)
     far = far.to(device=device, dtype=dtype)
     log(f"Generator: {describe_far(far.config)} from {far.loaded_from}; "
@@ -271,6 +315,13 @@ def unguided_below_one(sweep: list[tuple[float, ...]], log) -> list[tuple[float,
     return out
 
 
+def _finish(writer: ShardedNpzWriter):
+    try:
+        return writer.close()
+    except NoSpace as e:
+        sys.exit(f"error: {e}")
+
+
 def _sample_one(args, info, far, tokenizer, decoder, fid: InProcessFID | None, labels: np.ndarray,
                 mine: np.ndarray, batch: int, compile: bool):
     """Sample (and score) the images of ``args.cfg_scale``: (the npz path or None, the EvalResult or None)."""
@@ -292,14 +343,21 @@ def _sample_one(args, info, far, tokenizer, decoder, fid: InProcessFID | None, l
     error = all_gather_objects(error)[0]
     if error:
         sys.exit(f"error: {error}")
+
+    def stop(message: str):  # one line, and the output looks as it did (no lock file left behind)
+        if lock is not None:
+            lock.release(remove=True)
+        sys.exit(f"error: {message}")
+
     arrays = {"arr_0": ((n, size, size, 3), np.uint8), "arr_1": ((n,), np.int64)} if args.save_npz else {}
     if fid is not None:
         arrays.update(fid.arrays(n))
         fingerprint["inception_graph_sha256"] = fid.graph_sha
     try:
-        writer = ShardedNpzWriter(out, arrays, fingerprint, members=["arr_0", "arr_1"] if args.save_npz else [])
-    except NoSpace as e:
-        sys.exit(f"error: {e}")
+        writer = ShardedNpzWriter(out, arrays, fingerprint, members=["arr_0", "arr_1"] if args.save_npz else [],
+                                  rows=len(mine), overwrite=args.overwrite)
+    except (NoSpace, OutputExists) as e:
+        stop(str(e))
     if writer.done:
         print(f"rank {info.rank}: resuming after {writer.done} of its {len(mine)} images, already written")
     todo = mine[writer.done:]
@@ -327,17 +385,22 @@ def _sample_one(args, info, far, tokenizer, decoder, fid: InProcessFID | None, l
     log(f"Rank 0 generated, decoded{', scored' if fid else ''} and wrote {len(todo)} images in {seconds:.1f} s "
         f"({len(todo) / max(seconds, 1e-9):.1f} images/s, compile {'on' if compile else 'off'})")
     result = None
-    if fid is not None:
-        pool, spatial = writer.gather(POOL), writer.gather(SPATIAL)
-        if info.is_main:
-            result = fid.score(pool, spatial)
-            write_result(result, out.with_suffix(".txt"), Path(args.sample_dir) / "fid.jsonl", name=name,
-                         cfg_scale=_one_or_list(args.cfg_scale), num_samples=n, reference=args.fid_ref,
-                         gpt_ckpt=args.gpt_ckpt, vq_ckpt=args.vq_ckpt, inception=fid.net.describe())
-    try:
-        saved = writer.close()
-    except NoSpace as e:
-        sys.exit(f"error: {e}")
+    features = (writer.gather(POOL), writer.gather(SPATIAL)) if fid is not None else None
+    # The npz is finished and in place before anything is scored; with --no-save-npz the features stay in the parts
+    # until they are scored, so a rerun after a failed score scores them again at once.
+    saved = _finish(writer) if args.save_npz else None
+    if fid is not None and info.is_main:
+        kept = (f"the {n} samples are kept in {out}: score them with evaluations/evaluator.py" if args.save_npz
+                else f"their features are kept in {writer.parts}: rerun the same command to score them")
+        try:
+            result = fid.score(*features)
+        except SCORING_ERRORS as e:
+            stop(f"{e} ({kept})")
+        write_result(result, out.with_suffix(".txt"), Path(args.sample_dir) / "fid.jsonl", name=name,
+                     cfg_scale=_one_or_list(args.cfg_scale), num_samples=n, reference=args.fid_ref,
+                     gpt_ckpt=args.gpt_ckpt, vq_ckpt=args.vq_ckpt, inception=fid.net.describe())
+    if not args.save_npz:
+        _finish(writer)
     if lock is not None:
         lock.release(remove=True)
     if info.is_main:

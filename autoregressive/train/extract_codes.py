@@ -9,6 +9,7 @@ Unreadable images are skipped (stored with label -1, which the loader leaves out
 """
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from typing import Optional
@@ -17,9 +18,9 @@ import torch
 import torchvision.transforms.functional as TF
 from tqdm import tqdm
 
-from autoregressive.data.code_store import CodeStoreWriter
+from autoregressive.data.code_store import CodeStoreError, CodeStoreWriter, finished_store
 from tokenizer.models import TokenizerFlags, check_tokenizer_flags, describe_tokenizer, load_tokenizer
-from utils.argtypes import nonnegative_int, positive_float, positive_int
+from utils.argtypes import nonnegative_int, positive_float, positive_int, seed_int
 from utils.checkpoint import CheckpointError, unsafe_load_flag, weight_preference
 from utils.data import center_crop_arr, eval_batches, image_dataset, rank_shard, to_model_range
 from utils.distributed import all_gather_objects, all_reduce_sum, cleanup, init_distributed
@@ -42,11 +43,14 @@ class ExtractConfig(TokenizerFlags):
     image_size: int = flag(256, type=positive_int)
     ten_crop: bool = flag(False, help="store ten crops per image (else centre crop + flip)")
     crop_range: float = flag(1.1, type=positive_float, help="centre crop to image_size * crop_range first")
-    global_seed: int = flag(0, type=int, output=False, help="(nothing is random: the views are fixed crops)")
+    global_seed: int = flag(0, type=seed_int, output=False, help="(nothing is random: the views are fixed crops)")
     num_workers: int = flag(4, type=nonnegative_int, output=False)
     batch_size: int = flag(16, type=positive_int, output=False,
                            help="images per forward pass (each with all its views)")
     num_images: int = flag(0, type=nonnegative_int, help="only the first N images (0: all)")
+    overwrite: bool = flag(False, output=False, help="replace a finished code store at --code-path (else a store "
+                                                     "of other settings is refused, and one of these is reported "
+                                                     "finished)")
     unsafe_load: bool = unsafe_load_flag()
 
 
@@ -67,6 +71,32 @@ def views_transform(image_size: int, ten_crop: bool, crop_range: float):
             crops = (c, TF.hflip(c))
         return torch.stack([to_model_range(c) for c in crops])
     return f
+
+
+def _codes_key(fingerprint: dict) -> dict:
+    """What the stored codes depend on, in JSON form (as a manifest holds it): not how many processes wrote them."""
+    return json.loads(json.dumps({k: v for k, v in fingerprint.items() if k != "world_size"}))
+
+
+def finished_or_error(cfg: ExtractConfig, fingerprint: dict) -> Optional[tuple[str, str]]:
+    """Rank 0, before anything is written: ("finished", line) when --code-path already holds the codes these
+    settings give, ("error", line) when it holds a finished store of other settings (or an unreadable manifest)
+    and --overwrite was not given; None to extract."""
+    try:
+        store = finished_store(cfg.code_path)
+    except CodeStoreError as e:
+        return None if cfg.overwrite else ("error", f"{e}; pass --overwrite to replace it")
+    if store is None or cfg.overwrite:
+        return None
+    had, want = _codes_key(store.extra.get("fingerprint") or {}), _codes_key(fingerprint)
+    changed = sorted(k for k in set(had) | set(want) if had.get(k) != want.get(k))
+    if not changed:
+        return "finished", (f"--code-path {cfg.code_path} is a finished code store of these images with this "
+                            f"tokenizer ({store.num_items} images x {store.num_augs} views): nothing to do "
+                            f"(--overwrite extracts them again)")
+    return "error", (f"--code-path {cfg.code_path} holds a finished code store made with other settings (they "
+                     f"differ in: {', '.join(changed)}); pass --overwrite to replace it, or choose another "
+                     f"--code-path")
 
 
 @torch.no_grad()  # evaluation only (and leaves grad mode alone for in-process callers)
@@ -102,6 +132,22 @@ def main(argv=None, num_factors: Optional[int] = 2) -> None:
     # What the codes depend on: a killed extraction rerun with the same command continues where it stopped.
     fingerprint = {**output_values(cfg), "vq_ckpt": vq_digest, "vq_weights": model.loaded_from.weights,
                    "images": n, "world_size": info.world_size}
+
+    def stop(error: Optional[str] = None) -> None:  # every rank alike; the store looks as it did (no lock file)
+        if lock is not None:
+            lock.release(remove=True)
+        if error:
+            sys.exit(f"error: {error}")
+        cleanup()
+
+    found = all_gather_objects(finished_or_error(cfg, fingerprint) if info.is_main else None)[0]
+    if found is not None:
+        kind, line = found
+        if kind == "error":
+            stop(line)
+        log(line)
+        stop()
+        return
     try:
         writer = CodeStoreWriter(cfg.code_path, len(shard), num_views, model.factor_names, grid,
                                  model.config.codebook_size, fingerprint)
@@ -122,6 +168,8 @@ def main(argv=None, num_factors: Optional[int] = 2) -> None:
         writer.write(codes.reshape(b, num_views, num_factors, -1).cpu().numpy(), y.numpy(),
                      {"skipped": int(skipped)})
     all_reduce_sum(skipped)
+    if int(skipped.item()) == n:  # nothing to train on: not a finished store
+        stop(f"none of the {n} images under --data-path {cfg.data_path} could be read; no code store was written")
     writer.close(num_classes=len(dataset.classes), extra={
         "vq_ckpt": str(cfg.vq_ckpt), "vq_ckpt_sha256": vq_digest, "vq_weights": model.loaded_from.weights,
         "tokenizer": describe_tokenizer(model.config),
@@ -130,6 +178,4 @@ def main(argv=None, num_factors: Optional[int] = 2) -> None:
     if skipped.item():
         log(f"Skipped {int(skipped.item())} unreadable images")
     log(f"Saved codes of {n - int(skipped.item())} images x {num_views} views to {cfg.code_path}")
-    if lock is not None:
-        lock.release(remove=True)  # the finished store holds nothing but its files
-    cleanup()
+    stop()  # the finished store holds nothing but its files

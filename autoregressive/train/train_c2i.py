@@ -159,7 +159,8 @@ class Trainer:
         weights, opt_state = full_state(self.model, self.optimizer, self.cfg.fsdp)
         ckpt = far_checkpoint(self.model, self.ema, optimizer=opt_state, args=self.cfg.namespace())
         ckpt["model"] = weights
-        return save_run_checkpoint(self.run, pos, ckpt, scaler=self.scaler.state_dict())
+        return save_run_checkpoint(self.run, pos, ckpt, scaler=self.scaler.state_dict(),
+                                   code_store=self.dataset.info.identity())
 
     # what the shared loop (utils.training.train) calls
     project = "fqgan-far"
@@ -180,6 +181,19 @@ class Trainer:
 
     def after_step(self, pos: Position, batch: Any, out: StepOutput, writer: MetricWriter) -> None:
         pass
+
+
+def check_code_store(trained: Optional[dict], now: dict, ckpt: str, code_path: str) -> None:
+    """A resumed run trains on the codes it was trained on: the store's identity recorded in the checkpoint (its
+    tokenizer's content key, grid, factors, images ...) must equal the store's at --code-path now. Checkpoints
+    from before the record have none and are not checked."""
+    if trained is None:
+        return
+    changed = [f"{k} {trained.get(k)} -> {now.get(k)}" for k in sorted(set(trained) | set(now))
+               if trained.get(k) != now.get(k)]
+    if changed:
+        raise ValueError(f"--code-path {code_path} is not the code store {ckpt} was trained on ("
+                         + ", ".join(changed) + "): resume with the original codes, or train with a new --exp-name")
 
 
 def build(cfg: TrainConfig) -> Trainer:
@@ -228,7 +242,8 @@ def build(cfg: TrainConfig) -> Trainer:
         if ema is not None:
             load_far_weights(ema, resume.ema_weights(), resume.path)
         opt_state = resume.ckpt.get("optimizer")  # loaded after sharding, below
-        start, _ = resume.position(sampler.batches_per_epoch, {"scaler": scaler}, log)
+        start, state = resume.position(sampler.batches_per_epoch, {"scaler": scaler}, log)
+        check_code_store(state.get("code_store"), dataset.info.identity(), resume.path, cfg.code_path)
         resume.announce(start, log)
     elif ema is not None:
         update_ema(ema, model, decay=0)

@@ -164,13 +164,18 @@ def tokenizer_facts(cfg: TokenizerConfig) -> dict[str, Any]:
 
 def check_tokenizer_flags(flags: Any, model: FactorizedTokenizer) -> None:
     """Every flag of ``flags`` (a config) named as a fact of the model (``tokenizer_facts``) and given (not None)
-    must agree with the checkpoint ``--vq-ckpt``, which is what gets built."""
+    must agree with the checkpoint ``--vq-ckpt``, which is what gets built; and its ``--image-size`` must be a
+    multiple of the model's downsampling (else the codes would not cover the image)."""
     for name, have in tokenizer_facts(model.config).items():
         given = getattr(flags, name, None)
         if given is not None and given != have:
             option = flag_name(name)
             raise CheckpointError(f"{option} {given} does not match {flags.vq_ckpt}, which holds "
                                   f"{describe_tokenizer(model.config)} with {option} {have}")
+    size, down = getattr(flags, "image_size", None), model.config.downsample
+    if size is not None and size % down:
+        raise CheckpointError(f"--image-size {size} is not a multiple of {flags.vq_ckpt}'s downsampling {down}: "
+                              f"use {max(down, size // down * down)} or {(size // down + 1) * down}")
 
 
 # Released keys whose names carry a config field, by named group.
